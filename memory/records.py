@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 RewardSource = Literal["verifier", "self_eval", "user", "efficiency"]
-StepKind = Literal["system", "goal", "plan", "action", "observation", "answer"]
+StepKind = Literal["system", "goal", "plan", "instruction", "action", "observation", "answer"]
 EpisodeStatus = Literal["running", "done", "limit", "failed", "cancelled"]
 
 

@@ -1,0 +1,311 @@
+"""The ``selftune`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import webbrowser
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from selftune.settings import ConfigError, Settings, load_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="An agent runtime that tunes its own local model.")
+episodes_app = typer.Typer(no_args_is_help=True, help="Browse and export logged episodes.")
+adapters_app = typer.Typer(no_args_is_help=True, help="List, activate and roll back tuned adapters.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered local models.")
+app.add_typer(episodes_app, name="episodes")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(models_app, name="models")
+
+console = Console()
+_state: dict[str, object] = {}
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (default configs/default.yaml).")]
+
+
+@app.callback()
+def _configure(
+    config: ConfigOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _state["config"] = config
+
+
+def _settings(model: str | None = None) -> Settings:
+    settings = load_settings(_state.get("config"))  # type: ignore[arg-type]
+    if model:
+        settings.model.name = model
+    return settings
+
+
+def _runtime(model: str | None = None):
+    from selftune.runtime import Runtime
+
+    return Runtime(_settings(model))
+
+
+# -- goals ----------------------------------------------------------------------------------
+
+
+def _verifier(expect: str | None, check: str):
+    from selftune.memory.records import Verifier
+
+    return Verifier(kind=check, expected=expect) if expect is not None else None  # type: ignore[arg-type]
+
+
+def _print_event(event) -> None:
+    from selftune.agent.loop import AgentResult
+
+    if isinstance(event, AgentResult):
+        return
+    message = event.message
+    if event.kind == "plan":
+        console.print(f"[bold]plan[/bold]\n{message.content}")
+    elif event.kind == "action" and message.tool_calls:
+        for call in message.tool_calls:
+            console.print(f"[cyan]→ {call.name}[/cyan] {json.dumps(call.arguments, ensure_ascii=False)}", markup=True)
+    elif event.kind == "action":
+        console.print(f"[red]✗ invalid tool call:[/red] {event.error}")
+    elif event.kind == "observation" and message.role == "tool":
+        text = message.content if len(message.content) <= 300 else message.content[:300] + " …"
+        console.print(f"[green]← {message.name}[/green] {text}", markup=False, highlight=False)
+
+
+def _run_goal(runtime, goal: str, verifier=None, quiet: bool = False):
+    from selftune.agent.loop import AgentResult
+
+    result = None
+    for event in runtime.agent().iter_run(goal, verifier=verifier):
+        if not quiet:
+            _print_event(event)
+        if isinstance(event, AgentResult):
+            result = event
+    return result
+
+
+def _print_result(result) -> None:
+    if result.status == "done":
+        console.print(f"[bold]answer[/bold] {result.answer}")
+    elif result.status == "limit":
+        console.print(f"[yellow]stopped at the {result.limit} limit[/yellow]; best answer: {result.answer}")
+    else:
+        console.print(f"[red]failed[/red]: {result.error}")
+    console.print(f"[dim]episode {result.episode_id} · {result.steps} steps · {result.wall_s:.1f}s[/dim]")
+
+
+@app.command()
+def run(
+    goal: Annotated[str, typer.Argument(help="What the agent should achieve.")],
+    model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result as one JSON object.")] = False,
+    expect: Annotated[Optional[str], typer.Option(help="Expected answer: adds a verifier reward.")] = None,
+    check: Annotated[str, typer.Option(help="How --expect is checked: contains, exact, number, regex.")] = "contains",
+) -> None:
+    """Run one goal, streaming its steps."""
+    runtime = _runtime(model)
+    result = _run_goal(runtime, goal, _verifier(expect, check), quiet=as_json)
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json", include={"answer", "status", "episode_id", "steps", "limit", "error"})))
+    else:
+        _print_result(result)
+    raise typer.Exit(1 if result.status == "failed" else 0)
+
+
+@app.command()
+def chat(model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None) -> None:
+    """A REPL of goals and follow-ups. `+1` / `-1` rates the last answer; empty line or `exit` quits."""
+    runtime = _runtime(model)
+    history: list[tuple[str, str]] = []
+    last_episode: str | None = None
+    while True:
+        try:
+            line = input("goal> ").strip()
+        except EOFError:
+            break
+        if line in ("", "exit", "quit"):
+            break
+        if line in ("+1", "-1") and last_episode:
+            _add_feedback(runtime, last_episode, line, None)
+            continue
+        context = "".join(f"Earlier goal: {g}\nEarlier answer: {a}\n" for g, a in history[-3:])
+        goal = f"{context}Follow-up goal: {line}" if context else line
+        result = _run_goal(runtime, goal)
+        _print_result(result)
+        last_episode = result.episode_id
+        history.append((line, result.answer or ""))
+
+
+# -- episodes and feedback -----------------------------------------------------------------
+
+
+@episodes_app.command("list")
+def episodes_list(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    status: Annotated[Optional[str], typer.Option(help="Only this status.")] = None,
+) -> None:
+    """List episodes with their combined score."""
+    table = Table("id", "status", "score", "origin", "adapter", "goal")
+    for episode in _runtime().store.list(limit=limit, status=status):
+        score = "-" if episode.score is None else f"{episode.score:.2f}"
+        table.add_row(episode.id, episode.status, score, episode.origin, episode.adapter_version or "base", episode.goal[:60])
+    console.print(table)
+
+
+@episodes_app.command("show")
+def episodes_show(episode_id: str) -> None:
+    """Show one episode's transcript and rewards."""
+    episode = _runtime().store.get(episode_id)
+    console.print(f"[bold]{episode.id}[/bold] {episode.status} score={episode.score} model={episode.model_id} adapter={episode.adapter_version or 'base'}")
+    console.print(f"goal: {episode.goal}\nanswer: {episode.answer}")
+    for step in episode.steps:
+        content = step.message.content if not step.message.tool_calls else json.dumps([c.to_openai() for c in step.message.tool_calls])
+        meta = f" ({step.tokens_in}→{step.tokens_out} tok, {step.latency_s:.2f}s)" if step.tokens_out else ""
+        console.print(f"[dim]{step.index:>2} {step.kind:<11} {step.message.role}{meta}[/dim]\n{content}", markup=True, highlight=False)
+    for reward in episode.rewards:
+        console.print(f"reward {reward.source}={reward.value:.2f} {reward.note or ''}")
+
+
+@episodes_app.command("export")
+def episodes_export(
+    format: Annotated[str, typer.Option("--format", help="Only jsonl (OpenAI-style messages, TRL SFT format).")] = "jsonl",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default stdout).")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Only episodes scoring at least this.")] = None,
+) -> None:
+    """Export episodes as JSONL chat transcripts."""
+    if format != "jsonl":
+        raise typer.BadParameter("only --format jsonl is supported", param_hint="--format")
+    store = _runtime().store
+    if out is None:
+        count = store.export_jsonl(sys.stdout, min_score=min_score)
+    else:
+        with out.open("w") as handle:
+            count = store.export_jsonl(handle, min_score=min_score)
+    typer.echo(f"exported {count} episodes", err=True)
+
+
+def _add_feedback(runtime, episode_id: str, rating: str, note: str | None) -> None:
+    from selftune.memory.records import Reward
+
+    values = {"+1": 1.0, "1": 1.0, "up": 1.0, "-1": 0.0, "down": 0.0}
+    if rating not in values:
+        raise typer.BadParameter("rating must be +1 or -1 (or up/down)", param_hint="RATING")
+    episode = runtime.store.get(episode_id)
+    runtime.store.add_reward(Reward(episode_id=episode.id, source="user", value=values[rating], note=note))
+    console.print(f"recorded {rating} for {episode.id}; score now {runtime.store.get(episode.id).score:.2f}")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def feedback(
+    episode_id: str,
+    rating: Annotated[str, typer.Argument(help="+1 or -1 (or up/down).")],
+    note: Annotated[Optional[str], typer.Option(help="Why.")] = None,
+) -> None:
+    """Rate an episode; late feedback changes its score and its chance to be trained on."""
+    _add_feedback(_runtime(), episode_id, rating, note)
+
+
+# -- tuning, adapters, reports ---------------------------------------------------------------
+
+
+@app.command()
+def tune(method: Annotated[Optional[str], typer.Option(help="lora or prompt (default from config).")] = None) -> None:
+    """Select good episodes, train an adapter, gate it on held-out goals, promote or reject it."""
+    from selftune.tuning.pipeline import run_tuning_round
+
+    outcome = run_tuning_round(_runtime(), method=method)
+    console.print(f"[bold]{outcome.decision}[/bold]: {outcome.reason}")
+    if outcome.report_dir:
+        console.print(f"report: {outcome.report_dir / 'report.html'}")
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Versions with status and held-out metrics; * marks the active one."""
+    registry = _runtime().adapters
+    active = registry.active_version()
+    table = Table("", "version", "status", "method", "created", "metrics")
+    for entry in registry.list():
+        metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.metrics.items())
+        table.add_row("*" if entry.version == active else "", entry.version, entry.status, entry.method,
+                      entry.created_at.strftime("%Y-%m-%d %H:%M"), metrics)
+    console.print(table)
+    console.print(f"active: {active or 'base'}")
+
+
+@adapters_app.command("use")
+def adapters_use(version: Annotated[str, typer.Argument(help="A promoted version, or 'base'.")]) -> None:
+    """Activate a version (or the base weights)."""
+    target = None if version == "base" else version
+    _runtime().adapters.use(target, reason="selftune adapters use")
+    console.print(f"active: {version}")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback() -> None:
+    """Re-activate the previously active version."""
+    active = _runtime().adapters.rollback()
+    console.print(f"active: {active or 'base'}")
+
+
+@app.command()
+def report(open_: Annotated[bool, typer.Option("--open", help="Open the HTML report in a browser.")] = False) -> None:
+    """Print the path of the latest retraining report."""
+    from selftune.tuning.report import latest_report
+
+    path = latest_report(_settings().reports_dir)
+    if path is None:
+        console.print("no reports yet: run `selftune tune`")
+        raise typer.Exit(1)
+    typer.echo(str(path))
+    if open_:
+        webbrowser.open(path.with_name("report.html").resolve().as_uri())
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered model names."""
+    from selftune.agent.models import list_models
+
+    for spec in list_models():
+        typer.echo(f"{spec.name}\t{spec.description}")
+
+
+@models_app.command("prepare")
+def models_prepare(name: Annotated[Optional[str], typer.Argument(help="Model name (default from config).")] = None) -> None:
+    """Assemble/convert a model into the cache now (otherwise done on first use)."""
+    from selftune.agent.models import prepare_model
+
+    settings = _settings(name)
+    typer.echo(str(prepare_model(settings.model.name, settings.model_cache)))
+
+
+@app.command()
+def demo(
+    model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
+    goals_file: Annotated[Path, typer.Option("--goals", help="Goal file to run before tuning.")] = Path("configs/demo.yaml"),
+) -> None:
+    """Run the demo goals, one tuning round and a report; print where everything went."""
+    from selftune.demo import run_demo
+
+    run_demo(_runtime(model), goals_file, console)
+
+
+def main() -> None:
+    """Console entry point: known user errors print one line and exit 2."""
+    from selftune.agent.loop import GoalError
+
+    try:
+        app()
+    except (ConfigError, GoalError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        console.print(f"[red]error:[/red] {message}")
+        sys.exit(2)

@@ -1,0 +1,79 @@
+"""The composition root: builds each part from settings once, on first use."""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import cached_property
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.tools import BaseTool
+
+from selftune.agent.loop import Agent
+from selftune.memory.episodes import EpisodeStore
+from selftune.memory.vector import VectorMemory
+from selftune.settings import Settings
+from selftune.tools.registry import ToolContext, build_tools
+from selftune.tuning.adapters import AdapterRegistry
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Holds the model, stores and registry of one data dir; parts load lazily."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    @cached_property
+    def store(self) -> EpisodeStore:
+        return EpisodeStore(self.settings.db_path, weights=dict(self.settings.rewards.weights))
+
+    @cached_property
+    def memory(self) -> VectorMemory:
+        return VectorMemory(self.settings.chroma_dir, self.settings.memory.collection, self.settings.memory.embedding_model)
+
+    @cached_property
+    def adapters(self) -> AdapterRegistry:
+        """Adapters of the configured model (an adapter fits only the base it was trained on)."""
+        model_key = re.sub(r"[^A-Za-z0-9._-]+", "_", self.settings.model.name)
+        return AdapterRegistry(self.settings.adapters_dir / model_key)
+
+    @cached_property
+    def model(self) -> BaseChatModel:
+        from selftune.agent.chat_models import build_chat_model  # torch and weights load here
+
+        model = build_chat_model(self.settings.model, self.settings.model_cache)
+        self._apply_active_adapter(model)
+        return model
+
+    def tools(self, episode_id: str | None = None) -> list[BaseTool]:
+        context = ToolContext(
+            workspace_dir=self.settings.workspace_dir,
+            memory=self.memory,
+            episode_id=episode_id,
+            settings=self.settings.tools,
+        )
+        return build_tools(context)
+
+    def agent(self) -> Agent:
+        """An agent on the active adapter (switching first if the registry changed)."""
+        self.sync_adapter()
+        return Agent(self.model, self.tools, self.store, self.settings.agent, memory=self.memory)
+
+    def sync_adapter(self) -> None:
+        """Hot-swap the model to the registry's active adapter if they differ."""
+        if "model" in self.__dict__:
+            self._apply_active_adapter(self.model)
+
+    def _apply_active_adapter(self, model: BaseChatModel) -> None:
+        use_adapter = getattr(model, "use_adapter", None)
+        if use_adapter is None:
+            return
+        active = self.adapters.active_version()
+        if active != getattr(model, "adapter_version", None):
+            log.info("switching model to adapter %s", active or "base")
+            use_adapter(self.adapters.active_path(), active)
