@@ -302,10 +302,11 @@ def demo(
 def main() -> None:
     """Console entry point: known user errors print one line and exit 2."""
     from selftune.agent.loop import GoalError
+    from selftune.tuning.adapters import RegistryError
 
     try:
         app()
-    except (ConfigError, GoalError, KeyError, ValueError) as error:
+    except (ConfigError, GoalError, RegistryError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         console.print(f"[red]error:[/red] {message}")
         sys.exit(2)

@@ -59,15 +59,15 @@ class Runtime:
         )
         return build_tools(context)
 
-    def agent(self) -> Agent:
-        """An agent on the active adapter (switching first if the registry changed)."""
-        self.sync_adapter()
+    def agent(self, sync: bool = True) -> Agent:
+        """An agent on the model; with ``sync``, first switched to the registry's active adapter."""
+        if sync:
+            self.sync_adapter()
         return Agent(self.model, self.tools, self.store, self.settings.agent, memory=self.memory)
 
     def sync_adapter(self) -> None:
         """Hot-swap the model to the registry's active adapter if they differ."""
-        if "model" in self.__dict__:
-            self._apply_active_adapter(self.model)
+        self._apply_active_adapter(self.model)
 
     def _apply_active_adapter(self, model: BaseChatModel) -> None:
         use_adapter = getattr(model, "use_adapter", None)
