@@ -35,6 +35,7 @@ __all__ = ["Agent", "AgentResult", "Budget", "GoalError", "MemoryLike"]
 
 log = logging.getLogger(__name__)
 JSON_CALL_PREFIX = '{"tool": "'
+PLAN_PREFIX = "Plan:\n1."
 
 
 class GoalError(ValueError):
@@ -146,7 +147,7 @@ class Agent:
             yield self._record(run, "goal", ChatMessage(role="user", content=render(
                 "goal", goal=goal, memories=self._recall(goal), plan=self.settings.plan)))
             if self.settings.plan:
-                reply = self._call(run, self.settings.plan_max_tokens)
+                reply = self._call(run, self.settings.plan_max_tokens, prefix=PLAN_PREFIX)
                 yield self._record(run, "plan", ChatMessage(role="assistant", content=str(reply.content).strip()),
                                    reply=reply, trainable=True)
                 yield self._record(run, "instruction", ChatMessage(role="user", content=render("act")))

@@ -24,7 +24,8 @@ def format_tool_call(call: ToolCall) -> str:
 
 
 def format_observation(tool_name: str, content: str) -> str:
-    return f"Observation from {tool_name}:\n{content}"
+    # The closing reminder is what gets small models to stop once they have the result.
+    return f"Observation from {tool_name}:\n{content}\n\nIf this reaches the goal, call finish with the answer."
 
 
 def to_prompt_messages(transcript: list[ChatMessage]) -> list[dict[str, Any]]:

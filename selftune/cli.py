@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from selftune.settings import ConfigError, Settings, load_settings
 
@@ -37,6 +38,10 @@ def _configure(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     _state["config"] = config
 
 
@@ -69,15 +74,15 @@ def _print_event(event) -> None:
         return
     message = event.message
     if event.kind == "plan":
-        console.print(f"[bold]plan[/bold]\n{message.content}")
+        console.print(Text.assemble(("plan\n", "bold"), message.content))
     elif event.kind == "action" and message.tool_calls:
         for call in message.tool_calls:
-            console.print(f"[cyan]→ {call.name}[/cyan] {json.dumps(call.arguments, ensure_ascii=False)}", markup=True)
+            console.print(Text.assemble((f"→ {call.name} ", "cyan"), json.dumps(call.arguments, ensure_ascii=False)))
     elif event.kind == "action":
-        console.print(f"[red]✗ invalid tool call:[/red] {event.error}")
+        console.print(Text.assemble(("✗ invalid tool call: ", "red"), str(event.error)))
     elif event.kind == "observation" and message.role == "tool":
         text = message.content if len(message.content) <= 300 else message.content[:300] + " …"
-        console.print(f"[green]← {message.name}[/green] {text}", markup=False, highlight=False)
+        console.print(Text.assemble((f"← {message.name} ", "green"), text))
 
 
 def _run_goal(runtime, goal: str, verifier=None, quiet: bool = False):
