@@ -266,13 +266,14 @@ def report(open_: Annotated[bool, typer.Option("--open", help="Open the HTML rep
     """Print the path of the latest retraining report."""
     from selftune.tuning.report import latest_report
 
-    path = latest_report(_settings().reports_dir)
-    if path is None:
+    directory = latest_report(_settings().reports_dir)
+    if directory is None:
         console.print("no reports yet: run `selftune tune`")
         raise typer.Exit(1)
-    typer.echo(str(path))
+    html = directory / "report.html"
+    typer.echo(str(html))
     if open_:
-        webbrowser.open(path.with_name("report.html").resolve().as_uri())
+        webbrowser.open(html.resolve().as_uri())
 
 
 @models_app.command("list")

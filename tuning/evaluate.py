@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
-
 from selftune.agent.goals import GoalSpec
 from selftune.agent.loop import Agent
+from selftune.tuning.report import SuiteResult
 
 __all__ = ["SuiteResult", "evaluate_goals"]
-
-
-class SuiteResult(BaseModel):
-    name: str
-    accuracy: float
-    n: int
-    passed: int
-    episode_ids: list[str] = Field(default_factory=list)
-    seconds: float = 0.0
 
 
 def evaluate_goals(agent: Agent, goals: list[GoalSpec], name: str = "heldout") -> SuiteResult:

@@ -1,0 +1,166 @@
+"""The whole loop on real parts: SmolLM2, Chroma, SQLite, PEFT training, the registry, reports, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selftune.agent.loop import Agent
+from selftune.memory.records import Verifier
+from selftune.runtime import Runtime
+from selftune.settings import load_settings
+from selftune.tuning import pipeline
+from selftune.tuning.pipeline import run_tuning_round
+from selftune.tuning.report import REPORT_SECTIONS
+
+from scripted import ScriptedChatModel
+
+SMOL = "smollm2-135m-instruct"
+PROBE = "The capital of France is"
+
+
+def call(name: str, **arguments) -> str:
+    return json.dumps({"tool": name, "arguments": arguments})
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory, model_cache) -> Runtime:
+    root = tmp_path_factory.mktemp("e2e")
+    heldout = root / "heldout.yaml"
+    heldout.write_text(yaml.safe_dump({"goals": [
+        {"goal": "What is 6*7? Use the calculator.", "verifier": {"kind": "number", "expected": "42"}},
+    ]}))
+    settings = load_settings(
+        data_dir=root / "data",
+        model_cache=model_cache,
+        model={"name": SMOL, "max_new_tokens": 40},
+        agent={"max_steps": 2, "plan_max_tokens": 16, "memory_top_k": 2},
+        tuning={"max_steps": 2, "batch_size": 2, "max_seq_len": 1536, "heldout_file": heldout,
+                "lora_target_modules": ["q_proj", "v_proj"], "min_score": 0.7},
+    )
+    return Runtime(settings)
+
+
+def test_goal_runs_through_real_model_tools_memory_and_store(runtime):
+    before = runtime.memory.count()
+    result = runtime.agent().run("What is 2+3? Use the calculator.", verifier=Verifier(kind="number", expected="5"))
+
+    assert result.status in ("done", "limit")
+    episode = runtime.store.get(result.episode_id)
+    generated = [step for step in episode.steps if step.tokens_out]
+    assert generated and all(step.model_id == SMOL and step.latency_s > 0 for step in generated)
+    assert all(step.tokens_in > 0 for step in generated)
+    assert {reward.source for reward in episode.rewards} >= {"verifier", "efficiency"}
+    if result.answer:
+        assert runtime.memory.count() > before
+        hits = runtime.memory.search("What is 2+3?", k=1, kind="episode_summary")
+        assert hits and hits[0].episode_id == result.episode_id
+
+
+def _log_good_episodes(runtime: Runtime) -> None:
+    """Verified successes written through the real store; the scripted model stands in for a skilled policy."""
+    for a, b in [(2, 3), (4, 5), (7, 8)]:
+        model = ScriptedChatModel(replies=[
+            "Plan:\n1. Use the calculator.\n2. Finish.",
+            call("calculator", expression=f"{a}*{b}"),
+            call("finish", answer=str(a * b)),
+        ], model_id=SMOL)
+        agent = Agent(model, runtime.tools, runtime.store, runtime.settings.agent.model_copy(update={"self_eval": False}),
+                      memory=runtime.memory)
+        result = agent.run(f"What is {a}*{b}? Use the calculator.", verifier=Verifier(kind="number", expected=str(a * b)))
+        assert result.status == "done"
+
+
+def test_interrupted_tuning_leaves_registry_and_model_unchanged(runtime, monkeypatch):
+    _log_good_episodes(runtime)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_adapter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning_round(runtime)
+    assert runtime.adapters.list() == [] and runtime.adapters.active_version() is None
+    assert runtime.model.adapter_version is None
+
+
+def test_tuning_round_trains_gates_registers_and_reports(runtime):
+    chat = runtime.model
+    base_logits = chat.next_token_logits(PROBE)
+
+    outcome = run_tuning_round(runtime, method="lora")
+
+    assert outcome.decision in ("promoted", "rejected")
+    entry = runtime.adapters.get(outcome.version)
+    assert entry.status == outcome.decision and entry.metrics["examples"] >= 3
+    expected_active = outcome.version if outcome.decision == "promoted" else None
+    assert runtime.adapters.active_version() == expected_active
+    assert chat.adapter_version == expected_active
+    # Evaluation episodes are logged but never become training data.
+    assert all(e.origin != "eval" for e in runtime.store.scored(min_score=0.0))
+    # Report with every section and embedded plots.
+    markdown = (outcome.report_dir / "report.md").read_text()
+    assert all(section in markdown for section in REPORT_SECTIONS)
+    assert "data:image/png;base64" in (outcome.report_dir / "report.html").read_text()
+    report = json.loads((outcome.report_dir / "report.json").read_text())
+    assert report["train"]["losses"] and report["eval_after"]["heldout"]["n"] == 1
+
+    # The adapter changes the model; reloading it gives the same logits; base comes back exactly.
+    chat.use_adapter(entry.path, entry.version)
+    adapted = chat.next_token_logits(PROBE)
+    chat.use_adapter(None, None)
+    assert (chat.next_token_logits(PROBE) == base_logits).all()
+    chat.use_adapter(entry.path, entry.version)
+    assert (chat.next_token_logits(PROBE) == adapted).all()
+    assert not (adapted == base_logits).all()
+    runtime.sync_adapter()
+
+
+def _cli(runtime: Runtime, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SELFTUNE_DATA_DIR": str(runtime.settings.data_dir),
+           "SELFTUNE_MODEL_CACHE": str(runtime.settings.model_cache), "SELFTUNE_MODEL__NAME": SMOL,
+           "SELFTUNE_AGENT__MAX_STEPS": "1", "SELFTUNE_MODEL__MAX_NEW_TOKENS": "24"}
+    selftune = Path(sys.executable).with_name("selftune")
+    return subprocess.run([str(selftune), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_run_json_feedback_export_and_report(runtime, tmp_path):
+    done = _cli(runtime, "run", "--json", "Say hello.")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result) >= {"answer", "status", "episode_id", "steps"}
+
+    rated = _cli(runtime, "feedback", result["episode_id"], "-1", "--note", "not helpful")
+    assert rated.returncode == 0, rated.stderr
+    episode = runtime.store.get(result["episode_id"])
+    assert [(r.source, r.value, r.note) for r in episode.rewards if r.source == "user"] == [("user", 0.0, "not helpful")]
+
+    out = tmp_path / "episodes.jsonl"
+    exported = _cli(runtime, "episodes", "export", "--format", "jsonl", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["episode_id"] in {row["episode_id"] for row in rows}
+    assert all(row["messages"][0]["role"] == "system" for row in rows)
+
+    latest = _cli(runtime, "report")
+    assert latest.returncode == 0 and latest.stdout.strip().endswith("report.html")
+    assert Path(latest.stdout.strip()).is_file()
+
+
+def test_cli_names_a_bad_config_key(runtime, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("agent:\n  max_stepz: 3\n")
+    failed = _cli(runtime, "--config", str(config), "episodes", "list")
+    assert failed.returncode == 2
+    assert "agent.max_stepz" in failed.stdout + failed.stderr
+
+
+def test_cli_unknown_episode_is_a_clear_error(runtime):
+    failed = _cli(runtime, "feedback", "ep_doesnotexist", "+1")
+    assert failed.returncode == 2 and "ep_doesnotexist" in failed.stdout + failed.stderr

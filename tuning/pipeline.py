@@ -1,0 +1,116 @@
+"""One self-tuning round: select -> build data -> train -> gate -> promote or reject -> report.
+
+The candidate is trained from the base weights on the selected episodes, then the
+agent runs the held-out goals with the active adapter and with the candidate. The
+candidate is promoted only when it is not worse than the active one by more than
+``promote_margin`` allows; a rejected candidate is kept on disk but never becomes
+active. The candidate is registered only after its evaluation, so a crash or
+interrupt anywhere before that leaves the registry unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from selftune.agent.goals import load_goals
+from selftune.agent.local_chat import LocalChatModel
+from selftune.memory.records import utc_now
+from selftune.runtime import Runtime
+from selftune.tuning.adapters import AdapterVersion
+from selftune.tuning.dataset import build_examples
+from selftune.tuning.evaluate import evaluate_goals
+from selftune.tuning.methods import get_method
+from selftune.tuning.report import SuiteResult, TuningReport, write_report
+from selftune.tuning.selection import select_episodes
+from selftune.tuning.trainer import train_adapter
+
+__all__ = ["TuningOutcome", "run_tuning_round"]
+
+Decision = Literal["promoted", "rejected", "skipped"]
+
+
+class TuningOutcome(BaseModel):
+    decision: Decision
+    reason: str
+    version: str | None = None
+    report_dir: Path | None = None
+    before: SuiteResult | None = None
+    after: SuiteResult | None = None
+
+
+def _gate(before: SuiteResult, after: SuiteResult, margin: float) -> tuple[Decision, str]:
+    verdict = f"held-out accuracy {before.accuracy:.2f} -> {after.accuracy:.2f} (n={after.n}, margin {margin:+.2f})"
+    if after.accuracy >= before.accuracy + margin:
+        return "promoted", verdict
+    return "rejected", verdict
+
+
+def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutcome:
+    """Run one round on ``runtime``'s data dir and model; always writes a report."""
+    settings = runtime.settings
+    tuning = settings.tuning
+    method_name = get_method(method or tuning.method).name
+    created = utc_now()
+    report_dir = settings.reports_dir / created.strftime("%Y%m%dT%H%M%SZ")
+    selection = select_episodes(runtime.store, tuning)
+    previous = runtime.adapters.active_version()
+    report = TuningReport(
+        created_at=created, model_id=settings.model.name, method=method_name, decision="skipped", reason="",
+        previous_version=previous, episodes_considered=selection.considered,
+        episodes_selected=len(selection.selected), scores=selection.scores,
+        skipped=selection.skipped, config=settings.model_dump(mode="json"),
+        history=_history(runtime),
+    )
+
+    def finish(decision: Decision, reason: str, **extra: object) -> TuningOutcome:
+        final = report.model_copy(update={"decision": decision, "reason": reason, **extra})
+        write_report(final, report_dir)
+        return TuningOutcome(decision=decision, reason=reason, report_dir=report_dir,
+                             version=final.candidate_version, before=final.eval_before.get("heldout"),
+                             after=final.eval_after.get("heldout"))
+
+    if not selection.selected:
+        return finish("skipped", f"no episode scored at least {tuning.min_score} ({selection.considered} considered)")
+    chat = runtime.model
+    if not isinstance(chat, LocalChatModel):
+        return finish("skipped", "tuning needs a local model; the configured one is served remotely")
+    examples = build_examples(selection.selected, chat.tokenizer, tuning.max_seq_len)
+    if not examples:
+        return finish("skipped", f"every selected episode is longer than max_seq_len={tuning.max_seq_len}")
+
+    goals = load_goals(tuning.heldout_file)[: tuning.heldout_limit]
+    before = evaluate_goals(runtime.agent(), goals)
+    version, out_dir = runtime.adapters.allocate()
+    try:
+        chat.use_adapter(None, None)  # each round trains from the base weights
+        train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name)
+        chat.use_adapter(out_dir, version)
+        after = evaluate_goals(runtime.agent(sync=False), goals)
+    finally:
+        runtime.sync_adapter()
+    decision, reason = _gate(before, after, tuning.promote_margin)
+    runtime.adapters.register(AdapterVersion(
+        version=version, method=method_name, base_model=settings.model.name, path=out_dir,
+        metrics={"heldout_before": before.accuracy, "heldout_after": after.accuracy,
+                 "train_loss_last": train.losses[-1], "examples": train.examples},
+    ))
+    if decision == "promoted":
+        runtime.adapters.promote(version, reason)
+    else:
+        runtime.adapters.reject(version, reason)
+    runtime.sync_adapter()
+    return finish(decision, reason, candidate_version=version, train=train,
+                  eval_before={"heldout": before}, eval_after={"heldout": after},
+                  history=_history(runtime))
+
+
+def _history(runtime: Runtime) -> list[tuple[str, float]]:
+    """(version, held-out accuracy after training) of every evaluated version, oldest first."""
+    return [
+        (entry.version, float(entry.metrics["heldout_after"]))
+        for entry in runtime.adapters.list() if "heldout_after" in entry.metrics
+    ]
+

@@ -1,0 +1,161 @@
+"""Train one PEFT adapter on SFT examples and save it atomically.
+
+The caller's base model is wrapped for training and handed back pristine
+afterwards (same weights, modules, ``requires_grad`` flags and train/eval mode)
+whether training succeeds, fails or is interrupted: the agent keeps serving it.
+The adapter appears at ``out_dir`` only when training and saving both succeed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTuner
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from selftune.settings import TuningSettings
+from selftune.tuning.dataset import SFTExample, collate
+from selftune.tuning.methods import get_method
+
+__all__ = ["TrainResult", "train_adapter"]
+
+MAX_GRAD_NORM = 1.0
+
+
+class TrainResult(BaseModel):
+    method: str
+    steps: int
+    epochs: float  # optimizer steps / steps per epoch
+    losses: list[float]  # one per optimizer step
+    train_seconds: float
+    examples: int
+    tokens: int  # non-padding tokens fed through the model
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    peak_rss_mb: float  # peak resident memory of this process so far
+    learning_rate: float
+
+
+def _batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start : start + batch_size]]
+
+
+def _fit(
+    model: PeftModel, examples: list[SFTExample], settings: TuningSettings, method: str, lr: float, pad_token_id: int
+) -> tuple[list[float], int]:
+    """The training loop; returns the loss of every optimizer step and the tokens processed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    tokens = 0
+    model.train()
+    with tqdm(total=total, desc=f"tuning ({method})", unit="step") as bar:
+        for epoch in range(math.ceil(total / steps_per_epoch)):
+            for batch in _batches(examples, settings.batch_size, settings.seed + epoch):
+                if len(losses) == total:
+                    break
+                inputs = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
+                loss = model(**inputs).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {len(losses) + 1}")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += int(inputs["attention_mask"].sum())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.eval()
+    return losses, tokens
+
+
+def _save_atomically(model: PeftModel, out_dir: Path) -> int:
+    """Save into a temp dir beside ``out_dir`` and rename it into place; returns the adapter's size."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, save_embedding_layers=False)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+
+
+def train_adapter(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    examples: list[SFTExample],
+    settings: TuningSettings,
+    out_dir: Path,
+    method: str | None = None,
+) -> TrainResult:
+    """Train a ``method`` (default ``settings.method``) adapter on ``examples`` and save it to ``out_dir``."""
+    spec = get_method(method or settings.method)
+    out_dir = Path(out_dir)
+    if isinstance(model, PeftModel):
+        raise TypeError("train_adapter needs the bare base model; unload the adapter it is serving first")
+    if out_dir.exists():
+        raise FileExistsError(f"adapter directory already exists: {out_dir}")
+    if not examples:
+        raise ValueError("no training examples")
+    lr = spec.learning_rate(settings)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    peft_model: PeftModel | None = None
+    try:
+        with torch.random.fork_rng():  # seeded init and dropout without touching the caller's RNG
+            torch.manual_seed(settings.seed)
+            with tempfile.TemporaryDirectory() as tokenizer_dir:
+                tokenizer.save_pretrained(tokenizer_dir)  # prompt tuning's text init reads it
+                peft_model = get_peft_model(model, spec.build(settings, tokenizer_dir))
+            trainable_params, total_params = peft_model.get_nb_trainable_parameters()
+            start = time.perf_counter()
+            losses, tokens = _fit(peft_model, examples, settings, spec.name, lr, pad_token_id)
+            seconds = time.perf_counter() - start
+        adapter_bytes = _save_atomically(peft_model, out_dir)
+    finally:
+        if peft_model is not None and isinstance(peft_model.base_model, BaseTuner):
+            peft_model.base_model.unload()  # removes injected layers (LoRA); prompt tuning injects none
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    return TrainResult(
+        method=spec.name,
+        steps=len(losses),
+        epochs=len(losses) / steps_per_epoch,
+        losses=losses,
+        train_seconds=seconds,
+        examples=len(examples),
+        tokens=tokens,
+        trainable_params=trainable_params,
+        total_params=total_params,
+        adapter_bytes=adapter_bytes,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        learning_rate=lr,
+    )
