@@ -111,7 +111,7 @@ class TuningSettings(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Optimizer-step cap (overrides epochs when reached first).")
     batch_size: int = Field(4, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="None uses the method's default.")
-    max_seq_len: int = Field(1024, ge=32)
+    max_seq_len: int = Field(2048, ge=32, description="Longer examples keep their earliest whole turns.")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
