@@ -15,7 +15,9 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from pydantic import Field, PrivateAttr
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from selftune.agent.constrained import grammar_cache, openai_functions
 
 __all__ = ["LocalChatModel"]
 
@@ -127,6 +129,8 @@ class LocalChatModel(BaseChatModel):
         max_new_tokens = int(kwargs.pop("max_new_tokens", kwargs.pop("max_tokens", self.max_new_tokens)))
         temperature = float(kwargs.pop("temperature", self.temperature))
         prefix = str(kwargs.pop("assistant_prefix", ""))
+        tools = kwargs.pop("tools", None)
+        allow_no_call = bool(kwargs.pop("allow_no_call", False))
         if kwargs:
             raise TypeError(f"unsupported generation arguments: {', '.join(sorted(kwargs))}")
         stop = [s for s in (stop or []) if s]
@@ -139,6 +143,14 @@ class LocalChatModel(BaseChatModel):
             options.update(do_sample=True, temperature=temperature)
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        processor = None
+        if tools:
+            # Grammar-constrained decoding: the reply is always a valid call of one of ``tools``.
+            processor = grammar_cache(self.tokenizer, self.model.config.vocab_size).processor(
+                openai_functions(tools), max_new_tokens=max_new_tokens, prefix=prefix,
+                allow_no_call=allow_no_call, stop_token_ids=self.model.generation_config.eos_token_id)
+            options["logits_processor"] = LogitsProcessorList([processor])
+            stop = []  # a stop string could cut the JSON the grammar guarantees
         if stop:
             prompt_len = encoded["input_ids"].shape[1]
             options["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer, stop, prompt_len)])
@@ -151,6 +163,8 @@ class LocalChatModel(BaseChatModel):
 
         new_tokens = output[0, encoded["input_ids"].shape[1]:]
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        if processor is not None:
+            text += processor.completion(new_tokens)  # closes the call if the budget ran out
         cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
         ended = bool(cuts) or self._ended_with_eos(new_tokens)
         if cuts:

@@ -184,8 +184,11 @@ class Agent:
 
     def _act(self, run: _Run, tools: dict[str, BaseTool], final: bool = False) -> Iterator[Step]:
         """Ask for a tool call, validate it, run it, and record what happened."""
-        remaining = max(16, run.max_tokens - run.tokens_out) if not final else 128
-        reply = self._call(run, remaining, prefix=JSON_CALL_PREFIX)
+        remaining = self.settings.max_call_tokens
+        if not final:  # the forced final answer may overrun the goal's token budget by one call
+            remaining = min(remaining, max(16, run.max_tokens - run.tokens_out))
+        constrain = list(tools.values()) if self.settings.constrained_decoding else None
+        reply = self._call(run, remaining, prefix=JSON_CALL_PREFIX, tools=constrain)
         run.steps_taken += 1
         raw = str(reply.content).strip()
         try:
@@ -228,13 +231,15 @@ class Agent:
             output = output[:limit] + f"\n[truncated {len(output) - limit} characters]"
         return output, failure
 
-    def _call(self, run: _Run, max_tokens: int, prefix: str | None = None) -> AIMessage:
+    def _call(
+        self, run: _Run, max_tokens: int, prefix: str | None = None, tools: list[BaseTool] | None = None
+    ) -> AIMessage:
         """Prompt the model with the transcript (head plus recent history)."""
         head = next((i + 1 for i, s in enumerate(run.episode.steps) if s.kind == "instruction"), 2)
         head = min(head, len(run.transcript))
         recent = run.transcript[head:][-self.settings.history_messages:]
         messages = to_prompt_messages(run.transcript[:head] + recent)
-        reply = generate(self.model, messages, max_tokens=max_tokens, assistant_prefix=prefix)
+        reply = generate(self.model, messages, max_tokens=max_tokens, assistant_prefix=prefix, tools=tools)
         usage = reply.usage_metadata or {}
         run.tokens_in += usage.get("input_tokens", 0)
         run.tokens_out += usage.get("output_tokens", 0)

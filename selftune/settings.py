@@ -48,7 +48,7 @@ class ModelSettings(StrictModel):
     )
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     threads: int | None = Field(None, ge=1, description="torch threads; None keeps torch's default.")
-    max_new_tokens: int = Field(192, ge=1, le=8192, description="Cap on tokens generated per model call.")
+    max_new_tokens: int = Field(192, ge=1, le=8192, description="Default cap for model calls that set none.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     openai_base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp).")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding that server's API key.")
@@ -57,6 +57,7 @@ class ModelSettings(StrictModel):
 class AgentSettings(StrictModel):
     max_steps: int = Field(6, ge=1, le=100, description="Tool-call steps per goal before the agent must answer.")
     max_tokens: int = Field(2048, ge=16, description="Generated-token budget per goal.")
+    max_call_tokens: int = Field(160, ge=16, description="Cap on tokens generated for one tool call.")
     max_wall_seconds: float = Field(300.0, gt=0, description="Wall-time budget per goal.")
     plan: bool = Field(True, description="Ask the model for a short task list before acting.")
     plan_max_tokens: int = Field(96, ge=8)
@@ -65,6 +66,8 @@ class AgentSettings(StrictModel):
     max_goal_chars: int = Field(4000, ge=1)
     max_observation_chars: int = Field(1500, ge=64, description="Tool output is truncated to this in the prompt.")
     self_eval: bool = Field(True, description="Score goals without a verifier by asking the model.")
+    constrained_decoding: bool = Field(
+        True, description="Local models: restrict each tool call by grammar to a valid call of an offered tool.")
 
 
 class ToolSettings(StrictModel):

@@ -40,7 +40,7 @@ def runtime(tmp_path_factory, model_cache) -> Runtime:
         data_dir=root / "data",
         model_cache=model_cache,
         model={"name": SMOL, "max_new_tokens": 40},
-        agent={"max_steps": 2, "plan_max_tokens": 16, "memory_top_k": 2},
+        agent={"max_steps": 2, "plan_max_tokens": 16, "memory_top_k": 2, "max_call_tokens": 48},
         tuning={"max_steps": 2, "batch_size": 2, "max_seq_len": 1536, "heldout_file": heldout,
                 "lora_target_modules": ["q_proj", "v_proj"], "min_score": 0.7},
     )
@@ -57,6 +57,9 @@ def test_goal_runs_through_real_model_tools_memory_and_store(runtime):
     assert generated and all(step.model_id == SMOL and step.latency_s > 0 for step in generated)
     assert all(step.tokens_in > 0 for step in generated)
     assert {reward.source for reward in episode.rewards} >= {"verifier", "efficiency"}
+    # Constrained decoding: even the 135M model's every tool call parses and validates.
+    actions = [step for step in episode.steps if step.kind == "action"]
+    assert actions and all(step.message.tool_calls and step.error is None for step in actions)
     if result.answer:
         assert runtime.memory.count() > before
         hits = runtime.memory.search("What is 2+3?", k=1, kind="episode_summary")
@@ -125,7 +128,8 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
 def _cli(runtime: Runtime, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SELFTUNE_DATA_DIR": str(runtime.settings.data_dir),
            "SELFTUNE_MODEL_CACHE": str(runtime.settings.model_cache), "SELFTUNE_MODEL__NAME": SMOL,
-           "SELFTUNE_AGENT__MAX_STEPS": "1", "SELFTUNE_MODEL__MAX_NEW_TOKENS": "24"}
+           "SELFTUNE_AGENT__MAX_STEPS": "1", "SELFTUNE_AGENT__MAX_CALL_TOKENS": "32",
+           "SELFTUNE_AGENT__PLAN_MAX_TOKENS": "16"}
     selftune = Path(sys.executable).with_name("selftune")
     return subprocess.run([str(selftune), *args], capture_output=True, text=True, env=env, timeout=600)
 
