@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
@@ -30,8 +30,9 @@ from selftune.memory.records import (
 )
 from selftune.settings import AgentSettings
 from selftune.tools.finish import FINISH_TOOL
+from selftune.tools.memory_tools import MemoryStore
 
-__all__ = ["Agent", "AgentResult", "Budget", "GoalError", "MemoryLike"]
+__all__ = ["Agent", "AgentResult", "Budget", "GoalError"]
 
 log = logging.getLogger(__name__)
 JSON_CALL_PREFIX = '{"tool": "'
@@ -61,13 +62,6 @@ class AgentResult(BaseModel):
     tokens_out: int = 0
     wall_s: float = 0.0
     rewards: list[Reward] = Field(default_factory=list)
-
-
-class MemoryLike(Protocol):
-    """What the loop needs of a vector memory (see ``selftune.memory.vector.VectorMemory``)."""
-
-    def search(self, query: str, k: int = 3, kind: str | None = None) -> list[Any]: ...
-    def add(self, texts: list[str], kind: str, episode_id: str | None = None, metadata: dict | None = None) -> list[str]: ...
 
 
 class _Run:
@@ -105,7 +99,7 @@ class Agent:
         tool_factory: Callable[[str], list[BaseTool]],
         store: EpisodeStore,
         settings: AgentSettings,
-        memory: MemoryLike | None = None,
+        memory: MemoryStore | None = None,
     ) -> None:
         self.model = model
         self.tool_factory = tool_factory

@@ -455,7 +455,7 @@ def _report(**overrides) -> TuningReport:
         model_id="smollm2-135m", method="lora", decision="promoted", reason="held-out <accuracy> improved",
         candidate_version="v0002", previous_version="v0001", episodes_considered=12, episodes_selected=4,
         scores=[0.2, 0.75, 0.9, 1.0], train=train,
-        eval_before={"heldout": SuiteResult(accuracy=0.5, n=10)}, eval_after={"heldout": SuiteResult(accuracy=0.7, n=10)},
+        eval_before={"heldout": SuiteResult(name="heldout", accuracy=0.5, n=10, passed=5)}, eval_after={"heldout": SuiteResult(name="heldout", accuracy=0.7, n=10, passed=7)},
         config={"tuning": {"method": "lora", "heldout_file": Path("/x/heldout.yaml")}},
         history=[("v0001", 0.5), ("v0002", 0.7)],
     )
