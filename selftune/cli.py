@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 import webbrowser
 from pathlib import Path
 from typing import Annotated, Optional
@@ -42,6 +43,7 @@ def _configure(
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     _state["config"] = config
 
 

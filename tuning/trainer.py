@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from selftune.settings import TuningSettings
-from selftune.tuning.dataset import SFTExample, collate
+from selftune.tuning.dataset import IGNORE_INDEX, SFTExample, collate
 from selftune.tuning.methods import get_method
 
 __all__ = ["TrainResult", "train_adapter"]
@@ -57,6 +57,31 @@ def _batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator
         yield [examples[i] for i in order[start : start + batch_size]]
 
 
+def _target_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss is taken on (labels are shifted by one inside the model)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _accumulate(
+    model: PeftModel, batch: list[SFTExample], micro_batch_size: int, pad_token_id: int, device: torch.device
+) -> torch.Tensor:
+    """Backward over ``batch`` in micro-batches; gradients and the returned loss equal the whole batch's
+    token-mean loss. Only one micro-batch's logits (sequence x vocabulary) are alive at a time, which is
+    what bounds peak memory on large vocabularies."""
+    micro_batches = [batch[i : i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
+    collated = [collate(micro, pad_token_id) for micro in micro_batches]
+    total_targets = max(1, sum(_target_tokens(inputs["labels"]) for inputs in collated))
+    loss_sum = torch.zeros(())
+    for inputs in collated:
+        weight = _target_tokens(inputs["labels"]) / total_targets
+        if weight == 0:
+            continue
+        loss = model(**{k: v.to(device) for k, v in inputs.items()}).loss * weight
+        loss.backward()
+        loss_sum += loss.detach().float().cpu()
+    return loss_sum
+
+
 def _fit(
     model: PeftModel, examples: list[SFTExample], settings: TuningSettings, method: str, lr: float, pad_token_id: int
 ) -> tuple[list[float], int]:
@@ -76,16 +101,14 @@ def _fit(
             for batch in _batches(examples, settings.batch_size, settings.seed + epoch):
                 if len(losses) == total:
                     break
-                inputs = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
-                loss = model(**inputs).loss
+                loss = _accumulate(model, batch, settings.micro_batch_size, pad_token_id, device)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {len(losses) + 1}")
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                tokens += int(inputs["attention_mask"].sum())
+                tokens += sum(len(example.input_ids) for example in batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
     model.eval()
