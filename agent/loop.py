@@ -278,7 +278,8 @@ class Agent:
                                   run.max_steps, run.episode.verifier, judge)
         for reward in rewards:
             self.store.add_reward(reward)
-        self._remember(run, answer)
+        if run.episode.origin != "eval":  # held-out answers in memory would leak into later evaluations
+            self._remember(run, answer)
         return rewards
 
     def _recall(self, goal: str) -> list[str]:

@@ -159,3 +159,28 @@ def test_iter_run_streams_steps_then_result(tmp_path, store):
     events = list(agent.iter_run("Say hi."))
     assert isinstance(events[-1], AgentResult)
     assert [e.index for e in events[:-1]] == list(range(len(events) - 1))
+
+
+class RecordingMemory:
+    """Collects what the loop stores; isolates the loop's memory policy."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, list[str]]] = []
+
+    def search(self, query, k=3, kind=None):
+        return []
+
+    def add(self, texts, kind, episode_id=None, metadata=None):
+        self.added.append((kind, list(texts)))
+        return [f"m{i}" for i in range(len(texts))]
+
+
+@pytest.mark.parametrize(("origin", "remembered"), [("user", True), ("eval", False)])
+def test_evaluation_episodes_leave_no_memories(tmp_path, store, origin, remembered):
+    memory = RecordingMemory()
+    replies = [PLAN, call("calculator", expression="6*7"), call("finish", answer="42")]
+    agent, _ = make_agent(tmp_path, store, replies, memory=memory)
+    agent.run("What is 6*7?", origin=origin)
+    kinds = {kind for kind, _ in memory.added}
+    assert (kinds == {"observation", "episode_summary"}) is remembered
+    assert bool(memory.added) is remembered
