@@ -29,8 +29,8 @@ def render(template: str, **variables: Any) -> str:
     return _templates()[template].render(**variables).strip()
 
 
-def tool_signature(tool: BaseTool) -> str:
-    """One-line JSON description of a tool: name, description, parameters."""
+def tool_signature(tool: BaseTool | dict[str, Any]) -> str:
+    """One-line JSON description of a LangChain tool or an OpenAI-style tool dict."""
     function = convert_to_openai_tool(tool)["function"]
     parameters = function.get("parameters", {})
     return json.dumps(

@@ -23,9 +23,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="An agent run
 episodes_app = typer.Typer(no_args_is_help=True, help="Browse and export logged episodes.")
 adapters_app = typer.Typer(no_args_is_help=True, help="List, activate and roll back tuned adapters.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered local models.")
+eval_app = typer.Typer(no_args_is_help=True, help="Benchmark the model (BFCL).")
 app.add_typer(episodes_app, name="episodes")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 _state: dict[str, object] = {}
@@ -294,6 +296,45 @@ def models_prepare(name: Annotated[Optional[str], typer.Argument(help="Model nam
 
     settings = _settings(name)
     typer.echo(str(prepare_model(settings.model.name, settings.model_cache)))
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@eval_app.command("bfcl")
+def eval_bfcl(
+    category: Annotated[str, typer.Option(help="BFCL category, e.g. simple_python, irrelevance.")],
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate a seeded sample of this many questions.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="PEFT adapter directory to activate.")] = None,
+    unconstrained: Annotated[bool, typer.Option("--unconstrained", help="Free decoding, no grammar.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the full result (with per-question records) as JSON.")] = None,
+) -> None:
+    """Score the local model on one BFCL category (greedy, BFCL AST rules)."""
+    from selftune.agent.chat_models import build_chat_model
+    from selftune.bfcl import category_kind
+    from selftune.bfcl.harness import evaluate_category
+
+    category_kind(category)  # an unknown category fails before the model loads
+    settings = _settings(model)
+    chat = build_chat_model(settings.model, settings.model_cache)
+    if adapter is not None:
+        if not hasattr(chat, "use_adapter"):
+            raise typer.BadParameter("adapters need a local model", param_hint="--adapter")
+        try:
+            chat.use_adapter(adapter, adapter.name)
+        except FileNotFoundError as error:
+            raise typer.BadParameter(str(error), param_hint="--adapter") from None
+    result = evaluate_category(chat, category, limit=limit, seed=seed, constrained=not unconstrained)
+    table = Table("category", "n", "accuracy", "parse rate", "mean latency (s)", "mean tokens")
+    table.add_row(result.category, str(result.n), f"{result.accuracy:.3f}", f"{result.parse_rate:.3f}",
+                  f"{result.mean_latency_s:.2f}", f"{result.mean_output_tokens:.1f}")
+    console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.model_dump_json(indent=2))
+        console.print(f"wrote {out}")
 
 
 @app.command()

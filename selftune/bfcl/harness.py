@@ -1,0 +1,153 @@
+"""Run a local chat model on a BFCL category and score it with :func:`selftune.bfcl.check`.
+
+Prompt: one system message that lists the question's functions (one JSON line each, in the
+format :func:`selftune.agent.prompts.tool_signature` gives the agent's tools) and asks for
+``{"tool": "<name>", "arguments": {...}}``, the no-call answer ``{"tool": "none", ...}``, or a
+JSON list of calls; then BFCL's own messages (a leading BFCL system message is appended to
+ours). Generation is greedy with no assistant prefix, so an unconstrained model may answer
+with a list. With ``constrained=True`` the reply is grammar-constrained to one call of the
+question's tools or the no-call answer: ``LocalChatModel`` does not expose the grammar's
+``max_calls``, so constrained runs make at most one call (parallel categories then fail).
+"""
+
+from __future__ import annotations
+
+import time
+from statistics import fmean
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from pydantic import BaseModel
+
+from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.prompts import tool_signature
+from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
+from selftune.bfcl.checker import CheckResult, check
+from selftune.bfcl.data import BfclAnswer, BfclQuestion, from_tool_name, load_category
+
+__all__ = [
+    "CategoryResult",
+    "QuestionRecord",
+    "build_messages",
+    "evaluate_category",
+    "score_reply",
+    "system_prompt",
+]
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+_INSTRUCTIONS = f"""You are a function-calling assistant. You can call these functions:
+{{functions}}
+
+Reply with one JSON object and nothing else: {{{{"tool": "<name>", "arguments": {{{{...}}}}}}}}.
+If the request needs several calls, reply with a JSON list of such objects.
+If no function fits the request, reply {{{{"tool": "{NO_CALL_TOOL}", "arguments": {{{{"reason": "..."}}}}}}}}."""
+
+
+class QuestionRecord(BaseModel):
+    id: str
+    valid: bool
+    error: str | None = None
+    calls: list[dict[str, Any]] = []  # [{"name": BFCL name, "arguments": {...}}]; no-call answers dropped
+    raw: str
+    parsed: bool = True
+    latency_s: float = 0.0
+    output_tokens: int = 0
+
+
+class CategoryResult(BaseModel):
+    category: str
+    n: int
+    accuracy: float
+    parse_rate: float
+    mean_latency_s: float
+    mean_output_tokens: float
+    constrained: bool
+    model_id: str | None = None
+    adapter_version: str | None = None
+    records: list[QuestionRecord]
+
+
+def system_prompt(tools: list[dict[str, Any]]) -> str:
+    return _INSTRUCTIONS.format(functions="\n".join(tool_signature(tool) for tool in tools))
+
+
+def build_messages(question: BfclQuestion) -> list[BaseMessage]:
+    """Our system message, then BFCL's messages (a leading BFCL system message joins ours)."""
+    system = system_prompt(question.tools())
+    rest = list(question.messages)
+    if rest and rest[0].role == "system":
+        system += "\n\n" + rest.pop(0).content
+    kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+    return [SystemMessage(content=system)] + [kinds[m.role](content=m.content) for m in rest]
+
+
+def score_reply(
+    question: BfclQuestion, answer: BfclAnswer | None, text: str
+) -> tuple[bool, list[tuple[str, dict[str, Any]]], CheckResult]:
+    """Parse ``text`` into calls and score them: ``(parsed, calls, result)``.
+
+    Calls named :data:`NO_CALL_TOOL` are dropped (the no-call answer); the other names are
+    mapped back to BFCL's names. An unparsable reply counts as no call (so it can still pass
+    an irrelevance question, as in BFCL) but ``parsed`` is False.
+    """
+    try:
+        parsed_calls = parse_tool_calls(text)
+        parsed = True
+    except ToolCallError:
+        parsed_calls, parsed = [], False
+    calls = [
+        (from_tool_name(call.name, question.functions), call.arguments)
+        for call in parsed_calls
+        if call.name != NO_CALL_TOOL
+    ]
+    return parsed, calls, check(question, answer, calls)
+
+
+def evaluate_category(
+    chat: Any,
+    category: str,
+    limit: int | None = None,
+    seed: int = 0,
+    constrained: bool = True,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> CategoryResult:
+    """Run ``chat`` (a ``LocalChatModel``; ``constrained=False`` works with any chat model that
+    accepts ``max_new_tokens``) greedily on ``limit`` questions of ``category`` and score them."""
+    records: list[QuestionRecord] = []
+    for question, answer in load_category(category, limit=limit, seed=seed):
+        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+        if constrained:
+            options.update(tools=question.tools(), allow_no_call=True)
+        start = time.perf_counter()
+        reply = chat.invoke(build_messages(question), **options)
+        wall = time.perf_counter() - start
+        text = reply.content if isinstance(reply.content, str) else str(reply.content)
+        parsed, calls, result = score_reply(question, answer, text)
+        usage = getattr(reply, "usage_metadata", None) or {}
+        records.append(
+            QuestionRecord(
+                id=question.id,
+                valid=result.valid,
+                error=result.error,
+                calls=[{"name": name, "arguments": arguments} for name, arguments in calls],
+                raw=text,
+                parsed=parsed,
+                latency_s=float(reply.response_metadata.get("latency_s", wall)),
+                output_tokens=int(usage.get("output_tokens", 0)),
+            )
+        )
+    n = len(records)
+    mean = (lambda values: fmean(values) if values else 0.0)
+    return CategoryResult(
+        category=category,
+        n=n,
+        accuracy=mean([float(r.valid) for r in records]),
+        parse_rate=mean([float(r.parsed) for r in records]),
+        mean_latency_s=mean([r.latency_s for r in records]),
+        mean_output_tokens=mean([float(r.output_tokens) for r in records]),
+        constrained=constrained,
+        model_id=getattr(chat, "model_id", None),
+        adapter_version=getattr(chat, "adapter_version", None),
+        records=records,
+    )
