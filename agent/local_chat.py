@@ -64,7 +64,10 @@ class LocalChatModel(BaseChatModel):
     Invocation kwargs: ``max_new_tokens`` (alias ``max_tokens``), ``temperature``
     (0 = greedy), ``stop`` (strings; the reply is cut before the first one) and
     ``assistant_prefix`` (text the reply is started with; it is part of the
-    returned content). Generation and adapter switches are serialised by a lock.
+    returned content), and for grammar-constrained tool calls ``tools`` (LangChain
+    tools or OpenAI function dicts), ``allow_no_call`` and ``max_calls`` (above 1 the
+    reply may be a JSON list of calls). Generation and adapter switches are
+    serialised by a lock.
     """
 
     model: Any = Field(exclude=True)  # transformers PreTrainedModel: the base weights
@@ -131,6 +134,7 @@ class LocalChatModel(BaseChatModel):
         prefix = str(kwargs.pop("assistant_prefix", ""))
         tools = kwargs.pop("tools", None)
         allow_no_call = bool(kwargs.pop("allow_no_call", False))
+        max_calls = int(kwargs.pop("max_calls", 1))
         if kwargs:
             raise TypeError(f"unsupported generation arguments: {', '.join(sorted(kwargs))}")
         stop = [s for s in (stop or []) if s]
@@ -148,7 +152,8 @@ class LocalChatModel(BaseChatModel):
             # Grammar-constrained decoding: the reply is always a valid call of one of ``tools``.
             processor = grammar_cache(self.tokenizer, self.model.config.vocab_size).processor(
                 openai_functions(tools), max_new_tokens=max_new_tokens, prefix=prefix,
-                allow_no_call=allow_no_call, stop_token_ids=self.model.generation_config.eos_token_id)
+                allow_no_call=allow_no_call, max_calls=max_calls,
+                stop_token_ids=self.model.generation_config.eos_token_id)
             options["logits_processor"] = LogitsProcessorList([processor])
             stop = []  # a stop string could cut the JSON the grammar guarantees
         if stop:

@@ -144,6 +144,15 @@ def test_constrained_smollm2_always_parses(smol_chat: LocalChatModel, category: 
     json.loads(result.model_dump_json())  # what --out writes
 
 
+def test_constrained_parallel_replies_may_be_lists_and_always_parse(smol_chat: LocalChatModel) -> None:
+    result = evaluate_category(smol_chat, "parallel", limit=2, seed=0, constrained=True, max_new_tokens=128)
+    assert result.parse_rate == 1.0
+    for record in result.records:
+        reply = json.loads(record.raw)
+        calls = reply if isinstance(reply, list) else [reply]
+        assert 1 <= len(calls) <= 8 and all(set(call) == {"tool", "arguments"} for call in calls)
+
+
 def test_cli_eval_bfcl_prints_table_and_writes_json(
     smol_chat: LocalChatModel, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

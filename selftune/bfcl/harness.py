@@ -104,6 +104,9 @@ def score_reply(
     return parsed, calls, check(question, answer, calls)
 
 
+PARALLEL_MAX_CALLS = 8
+
+
 def evaluate_category(
     chat: Any,
     category: str,
@@ -118,7 +121,9 @@ def evaluate_category(
     for question, answer in load_category(category, limit=limit, seed=seed):
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
         if constrained:
-            options.update(tools=question.tools(), allow_no_call=True)
+            # Parallel categories expect several calls: let the grammar admit a list of them.
+            max_calls = PARALLEL_MAX_CALLS if "parallel" in category else 1
+            options.update(tools=question.tools(), allow_no_call=True, max_calls=max_calls)
         start = time.perf_counter()
         reply = chat.invoke(build_messages(question), **options)
         wall = time.perf_counter() - start
