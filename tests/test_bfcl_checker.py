@@ -305,26 +305,32 @@ def test_every_acceptable_value_passes_not_only_the_first():
     assert checked > 50
 
 
-def test_int_for_float_passes_and_bool_for_int_fails():
-    passed = 0
+def _gold_arguments(limit: int | None = None, seed: int = 0):
+    """(question, answer, gold calls, call index, its args, its param docs, param, value) over the main categories."""
     for category in MAIN_CATEGORIES:
-        for question, answer in load_category(category, limit=80, seed=1):
+        for question, answer in load_category(category, limit=limit, seed=seed):
             if question.id in UNANSWERABLE:
                 continue
             gold = gold_calls(question, answer)
             for index, (name, args) in enumerate(gold):
                 props = _doc(question, name)["parameters"]["properties"]
                 for param, value in args.items():
-                    kind = props.get(param, {}).get("type")
-                    if kind == "float" and type(value) is float and value.is_integer():
-                        calls = _replace(gold, index, args={**args, param: int(value)})
-                        result = check(question, answer, calls)
-                        assert result.valid, (question.id, param, result.error)
-                        passed += 1
-                    if kind == "integer" and type(value) is int and value in (0, 1):
-                        calls = _replace(gold, index, args={**args, param: bool(value)})
-                        result = check(question, answer, calls)
-                        assert not result.valid and "expected type integer" in result.error, question.id
+                    yield question, answer, gold, index, args, props, param, value
+
+
+def test_int_for_float_passes_and_bool_for_int_fails():
+    passed = 0
+    for question, answer, gold, index, args, props, param, value in _gold_arguments(limit=80, seed=1):
+        kind = props.get(param, {}).get("type")
+        if kind == "float" and type(value) is float and value.is_integer():
+            calls = _replace(gold, index, args={**args, param: int(value)})
+            result = check(question, answer, calls)
+            assert result.valid, (question.id, param, result.error)
+            passed += 1
+        if kind == "integer" and type(value) is int and value in (0, 1):
+            calls = _replace(gold, index, args={**args, param: bool(value)})
+            result = check(question, answer, calls)
+            assert not result.valid and "expected type integer" in result.error, question.id
     assert passed >= 10
 
 
@@ -469,23 +475,16 @@ def test_multiple_wants_the_right_one_of_several_functions():
 
 def test_nested_dict_values_are_checked_key_by_key():
     tried = 0
-    for category in MAIN_CATEGORIES:
-        for question, answer in load_category(category):
-            if question.id in UNANSWERABLE:
-                continue
-            gold = gold_calls(question, answer)
-            for index, (name, args) in enumerate(gold):
-                props = _doc(question, name)["parameters"]["properties"]
-                for param, value in args.items():
-                    if props[param]["type"] != "dict" or not isinstance(value, dict) or not value:
-                        continue
-                    key = next(iter(value))
-                    bad_key = {**value, "zz_key": "x"}
-                    bad_value = {**value, key: _wrong_value(value[key], [value[key]])}
-                    for wrong in (bad_key, bad_value):
-                        result = check(question, answer, _replace(gold, index, args={**args, param: wrong}))
-                        assert not result.valid and "dict key" in result.error, (question.id, wrong)
-                    tried += 1
+    for question, answer, gold, index, args, props, param, value in _gold_arguments():
+        if props[param]["type"] != "dict" or not isinstance(value, dict) or not value:
+            continue
+        key = next(iter(value))
+        bad_key = {**value, "zz_key": "x"}
+        bad_value = {**value, key: _wrong_value(value[key], [value[key]])}
+        for wrong in (bad_key, bad_value):
+            result = check(question, answer, _replace(gold, index, args={**args, param: wrong}))
+            assert not result.valid and "dict key" in result.error, (question.id, wrong)
+        tried += 1
     assert tried >= 10
 
 
