@@ -1,7 +1,9 @@
-"""Build the agent's chat model from settings: a local model or an OpenAI-compatible server."""
+"""Build the agent's chat model from settings: a local model, an OpenAI-compatible server, or any
+LangChain chat model named by import path."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -9,13 +11,40 @@ from langchain_core.language_models import BaseChatModel
 
 from selftune.settings import ConfigError, ModelSettings
 
-__all__ = ["OPENAI_PREFIX", "build_chat_model"]
+__all__ = ["OPENAI_PREFIX", "PY_PREFIX", "build_chat_model", "import_chat_model"]
 
 OPENAI_PREFIX = "openai:"
+PY_PREFIX = "py:"
+
+
+def import_chat_model(spec: str) -> BaseChatModel:
+    """``'module:attribute'``: a BaseChatModel instance, or a zero-argument factory returning one."""
+    where = f"model.name 'py:{spec}'"
+    module_name, _, attribute = spec.partition(":")
+    if not module_name.strip() or not attribute.strip():
+        raise ConfigError(f"{where}: expected 'py:module:attribute'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except Exception as error:
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {error}") from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not isinstance(target, BaseChatModel):
+        if not callable(target):
+            raise ConfigError(f"{where}: expected a chat model or a factory, got {target!r}")
+        target = target()
+    if not isinstance(target, BaseChatModel):
+        raise ConfigError(f"{where}: the factory returned {type(target).__name__}, not a LangChain chat model")
+    return target
 
 
 def build_chat_model(settings: ModelSettings, cache_dir: Path) -> BaseChatModel:
-    """``openai:<model>`` -> ``ChatOpenAI`` (vLLM, Ollama, llama.cpp servers); else a ``LocalChatModel``."""
+    """``openai:<model>`` -> ``ChatOpenAI`` (vLLM, Ollama, llama.cpp servers); ``py:module:attribute`` ->
+    that chat model (tuning needs a local one); else a ``LocalChatModel``."""
+    if settings.name.startswith(PY_PREFIX):
+        return import_chat_model(settings.name[len(PY_PREFIX):])
     if settings.name.startswith(OPENAI_PREFIX):
         from langchain_openai import ChatOpenAI
 

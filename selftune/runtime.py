@@ -11,14 +11,18 @@ from langchain_core.tools import BaseTool
 
 from selftune.agent.loop import Agent
 from selftune.memory.episodes import EpisodeStore
+from selftune.memory.records import Episode, Reward
 from selftune.memory.vector import VectorMemory
 from selftune.settings import Settings
 from selftune.tools.registry import ToolContext, build_tools
 from selftune.tuning.adapters import AdapterRegistry
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "RATINGS"]
 
 log = logging.getLogger(__name__)
+
+# User feedback: thumbs up is a user reward of 1.0, thumbs down 0.0.
+RATINGS: dict[str, float] = {"+1": 1.0, "1": 1.0, "up": 1.0, "-1": 0.0, "down": 0.0}
 
 
 class Runtime:
@@ -64,6 +68,17 @@ class Runtime:
         if sync:
             self.sync_adapter()
         return Agent(self.model, self.tools, self.store, self.settings.agent, memory=self.memory)
+
+    def record_feedback(self, episode_id: str, rating: str, note: str | None = None) -> Episode:
+        """Attach a user reward to an episode (id or unique prefix) and return it rescored.
+
+        ValueError for a rating not in :data:`RATINGS`, KeyError for an unknown episode."""
+        value = RATINGS.get(str(rating).strip().lower())
+        if value is None:
+            raise ValueError("rating must be +1 or -1 (or up/down)")
+        episode = self.store.get(episode_id)
+        self.store.add_reward(Reward(episode_id=episode.id, source="user", value=value, note=note))
+        return self.store.get(episode.id)
 
     def sync_adapter(self) -> None:
         """Hot-swap the model to the registry's active adapter if they differ."""

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-__all__ = ["ConfigError", "Settings", "load_settings", "DEFAULT_CONFIG", "PROJECT_ROOT"]
+__all__ = ["ConfigError", "Settings", "DaemonSettings", "check_cron", "load_settings", "DEFAULT_CONFIG", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
@@ -44,7 +44,8 @@ class StrictModel(BaseModel):
 class ModelSettings(StrictModel):
     name: str = Field(
         "qwen2.5-coder-0.5b-instruct",
-        description="Registered model name, 'hf:<repo-or-dir>', or 'openai:<model>' for an OpenAI-compatible server.",
+        description="Registered model name, 'hf:<repo-or-dir>', 'openai:<model>' for an OpenAI-compatible server, "
+                    "or 'py:module:attribute' for any LangChain chat model (a factory or an instance).",
     )
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     threads: int | None = Field(None, ge=1, description="torch threads; None keeps torch's default.")
@@ -128,6 +129,51 @@ class TuningSettings(StrictModel):
     seed: int = 0
 
 
+def check_cron(expression: str | None) -> str | None:
+    """A 5-field crontab line, or 6 fields with seconds first; None disables the job."""
+    if expression is None or not expression.strip():
+        return None
+    from apscheduler.triggers.cron import CronTrigger  # light import; a bad line fails here, named
+
+    fields = expression.split()
+    if len(fields) == 5:
+        CronTrigger.from_crontab(expression)
+    elif len(fields) == 6:
+        CronTrigger(**dict(zip(("second", "minute", "hour", "day", "month", "day_of_week"), fields)))
+    else:
+        raise ValueError(f"{expression!r} is not a cron line: 5 fields (minute hour day month weekday) or 6 (seconds first)")
+    return expression.strip()
+
+
+class DaemonSettings(StrictModel):
+    host: str = Field("127.0.0.1", description="Interface the HTTP API listens on.")
+    port: int = Field(8765, ge=0, le=65535, description="0 picks a free port (written to <data_dir>/daemon/endpoint.json).")
+    workers: int = Field(1, ge=1, le=32, description="Goals run at once; keep 1 for a local model.")
+    lease_seconds: float = Field(60.0, gt=0, description="A running goal whose lease is not renewed this long is requeued.")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="How often running goals renew their lease.")
+    max_attempts: int = Field(3, ge=1, description="A goal requeued after this many interrupted attempts fails instead.")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM the running goal may finish this long; then it is stopped and requeued.")
+    max_body_bytes: int = Field(65536, ge=256, description="Larger request bodies get 413.")
+    rate_limit_per_minute: float = Field(600.0, gt=0, description="Write requests (POST) per client per minute.")
+    rate_limit_burst: int = Field(60, ge=1, description="Write requests a client may send at once before the rate applies.")
+    tune_cron: str | None = Field(None, description="Self-tuning schedule (cron line); None: not on a schedule.")
+    tune_after_episodes: int | None = Field(
+        None, ge=1, description="Tune once this many new scored episodes exist since the last round; None: off.")
+    tune_check_seconds: float = Field(60.0, gt=0, description="How often the episode count for tune_after_episodes is checked.")
+    tune_nice: int = Field(10, ge=0, le=19, description="Niceness added to the tuning child process.")
+    report_cron: str | None = Field(None, description="Activity report schedule (cron line); None: off.")
+    compaction_cron: str | None = Field(None, description="Memory and store compaction schedule (cron line); None: off.")
+    misfire_grace_seconds: int = Field(3600, ge=1, description="A job missed while the daemon was down still runs this late.")
+    timezone: str | None = Field(None, description="Time zone of the cron lines; None: the machine's.")
+    events_retention_days: float = Field(30.0, gt=0, description="Compaction drops step events of goals finished longer ago.")
+
+    @field_validator("tune_cron", "report_cron", "compaction_cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        return check_cron(value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SELFTUNE_",
@@ -144,6 +190,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     rewards: RewardSettings = Field(default_factory=RewardSettings)
     tuning: TuningSettings = Field(default_factory=TuningSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -172,6 +219,10 @@ class Settings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.data_dir / "reports"
+
+    @property
+    def daemon_dir(self) -> Path:
+        return self.data_dir / "daemon"
 
     @property
     def workspace_dir(self) -> Path:
