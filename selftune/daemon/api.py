@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from selftune.daemon.auth import BodyLimit, token_matches
+from selftune.daemon.auth import BearerAuth, BodyLimit
 from selftune.daemon.journal import AdapterSwitch, TuneRun
 from selftune.daemon.queue import TERMINAL, GoalRecord, GoalRequest, GoalStatus, IdempotencyConflict
 from selftune.daemon.tuning import TuneBusy
@@ -34,6 +34,7 @@ __all__ = ["create_app", "FeedbackRequest", "TuneRequest"]
 STATIC_DIR = Path(__file__).parent / "static"
 _SSE_POLL_S = 0.2
 _SSE_PING_S = 15.0
+OPEN_PATHS = frozenset({"/healthz", "/"})  # liveness, and the chat page's static shell (no data in it)
 _BEARER = HTTPBearer(auto_error=False, description="The daemon's API token (<data dir>/api_token).")
 
 
@@ -106,11 +107,6 @@ def _report_summary(report_dir: Path) -> dict[str, Any]:
 
 def create_app(daemon: Daemon) -> FastAPI:
     settings = daemon.settings
-    def authorized(request: Request,
-                   _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None) -> None:
-        if not token_matches(request.headers.get("authorization"), daemon.token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
     def rate_limited(request: Request) -> None:
         client = request.client.host if request.client else "unknown"
         allowed, retry = daemon.rate.allow(client)
@@ -120,7 +116,8 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     app = FastAPI(title="selftune daemon", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description=__doc__)
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    documented = [Depends(_BEARER)]  # declares the scheme in the OpenAPI; BearerAuth enforces it
+    api = APIRouter(prefix="/v1", dependencies=documented)
     writes = [Depends(rate_limited)]
 
     # -- open routes ----------------------------------------------------------------------
@@ -134,12 +131,12 @@ def create_app(daemon: Daemon) -> FastAPI:
         """Liveness: ``ready`` once the model is loaded, ``accepting`` while goals are taken."""
         return {"status": "ok", "ready": daemon.workers.ready.is_set(), "accepting": daemon.accepting}
 
-    @app.get("/metrics", tags=["daemon"], dependencies=[Depends(authorized)])
+    @app.get("/metrics", tags=["daemon"], dependencies=documented)
     def metrics() -> Response:
         """Prometheus text format."""
         return Response(daemon.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/openapi.json", tags=["daemon"], dependencies=[Depends(authorized)])
+    @app.get("/openapi.json", tags=["daemon"], dependencies=documented)
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
@@ -197,6 +194,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         async def stream():
             seen, pinged = start, time.monotonic()
             while True:
+                # Read the status before the events: once it is final, every event is in this read.
+                final = (await run_in_threadpool(_goal, goal_id)).status in TERMINAL
                 events = await run_in_threadpool(daemon.queue.events, goal_id, seen)
                 for event in events:
                     seen = event.seq
@@ -206,10 +205,8 @@ def create_app(daemon: Daemon) -> FastAPI:
                         return
                 if events:
                     continue
-                if daemon.stopping.is_set() or await request.is_disconnected():
-                    return
-                if (await run_in_threadpool(_goal, goal_id)).status in TERMINAL:
-                    return  # the client asked to start after the final event
+                if final or daemon.stopping.is_set() or await request.is_disconnected():
+                    return  # (final: the client asked to start after the final event)
                 if time.monotonic() - pinged > _SSE_PING_S:
                     pinged = time.monotonic()
                     yield ": keep-alive\n\n"
@@ -333,5 +330,6 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     app.include_router(api)
     app.add_middleware(BodyLimit, max_bytes=settings.daemon.max_body_bytes)
+    app.add_middleware(BearerAuth, token=daemon.token, open_paths=OPEN_PATHS)
     app.add_middleware(_RequestMetrics, daemon=daemon)
     return app

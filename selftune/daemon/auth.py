@@ -12,7 +12,9 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["TOKEN_ENV", "load_or_create_token", "read_token", "token_matches", "BodyLimit", "RateLimiter"]
+__all__ = [
+    "TOKEN_ENV", "load_or_create_token", "read_token", "token_matches", "BearerAuth", "BodyLimit", "RateLimiter",
+]
 
 TOKEN_ENV = "SELFTUNE_API_TOKEN"
 
@@ -60,6 +62,32 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class BearerAuth:
+    """ASGI middleware: 401 for a missing or wrong token on every path but ``open_paths``.
+
+    It runs before routing and body parsing, so an unauthenticated request learns nothing
+    (not even whether its body would have been valid)."""
+
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.token = token
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        if token_matches(header, self.token):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": "missing or wrong bearer token"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
