@@ -106,11 +106,11 @@ _SUBSCHEMA_KEYS = ("items", "not", "additionalItems", "contains", "if", "then", 
 
 
 def openai_functions(tools: Iterable[Any]) -> list[dict[str, Any]]:
-    """Function descriptions (``{"name", "description", "parameters"}``) of LangChain tools;
-    dicts pass through unchanged."""
+    """Function descriptions (``{"name", "description", "parameters"}``) of LangChain tools and of
+    dicts (bare function descriptions or OpenAI tools)."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    return [tool if isinstance(tool, dict) else convert_to_openai_tool(tool)["function"] for tool in tools]
+    return [_function(tool) if isinstance(tool, dict) else convert_to_openai_tool(tool)["function"] for tool in tools]
 
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:

@@ -413,20 +413,21 @@ def models_prepare(name: Annotated[Optional[str], typer.Argument(help="Model nam
 
 @eval_app.command("bfcl")
 def eval_bfcl(
-    category: Annotated[str, typer.Option(help="BFCL category, e.g. simple_python, irrelevance.")],
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate a seeded sample of this many questions.")] = None,
+    category: Annotated[list[str], typer.Option(help="BFCL category, e.g. simple_python, irrelevance (repeatable).")],
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate a seeded sample of this many questions per category.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="PEFT adapter directory to activate.")] = None,
     unconstrained: Annotated[bool, typer.Option("--unconstrained", help="Free decoding, no grammar.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Write the full result (with per-question records) as JSON.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the full run (with per-question records) as JSON.")] = None,
 ) -> None:
-    """Score the local model on one BFCL category (greedy, BFCL AST rules)."""
+    """Score the local model on BFCL categories (greedy, BFCL AST rules)."""
     from selftune.agent.chat_models import build_chat_model
     from selftune.bfcl import category_kind
-    from selftune.bfcl.harness import evaluate_category
+    from selftune.bfcl.harness import BfclRun, evaluate_category
 
-    category_kind(category)  # an unknown category fails before the model loads
+    for name in category:
+        category_kind(name)  # an unknown category fails before the model loads
     settings = _settings(model)
     chat = build_chat_model(settings.model, settings.model_cache)
     if adapter is not None:
@@ -436,14 +437,18 @@ def eval_bfcl(
             chat.use_adapter(adapter, adapter.name)
         except FileNotFoundError as error:
             raise typer.BadParameter(str(error), param_hint="--adapter") from None
-    result = evaluate_category(chat, category, limit=limit, seed=seed, constrained=not unconstrained)
+    run = BfclRun(model=settings.model.name, limit=limit, seed=seed, constrained=not unconstrained, results=[])
     table = Table("category", "n", "accuracy", "parse rate", "mean latency (s)", "mean tokens")
-    table.add_row(result.category, str(result.n), f"{result.accuracy:.3f}", f"{result.parse_rate:.3f}",
-                  f"{result.mean_latency_s:.2f}", f"{result.mean_output_tokens:.1f}")
+    for name in category:
+        result = evaluate_category(chat, name, limit=limit, seed=seed, constrained=not unconstrained)
+        run.results.append(result)
+        table.add_row(result.category, str(result.n), f"{result.accuracy:.3f}", f"{result.parse_rate:.3f}",
+                      f"{result.mean_latency_s:.2f}", f"{result.mean_output_tokens:.1f}")
+        if out is not None:  # written after every category, so a long run keeps what it finished
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(run.model_dump_json(indent=1))
     console.print(table)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(result.model_dump_json(indent=2))
         console.print(f"wrote {out}")
 
 

@@ -17,6 +17,7 @@ from selftune.agent.prompts import tool_signature
 from selftune.agent.transcript import format_tool_call
 from selftune.bfcl import gold_calls, load_category, tool_name
 from selftune.bfcl.harness import (
+    BfclRun,
     CategoryResult,
     QuestionRecord,
     build_messages,
@@ -164,9 +165,23 @@ def test_cli_eval_bfcl_prints_table_and_writes_json(
     monkeypatch.setenv("SELFTUNE_MODEL_CACHE", str(model_cache))
     out = tmp_path / "bfcl.json"
     result = CliRunner().invoke(
-        app, ["eval", "bfcl", "--category", "irrelevance", "--limit", "1", "--model", SMOL, "--out", str(out)]
+        app, ["eval", "bfcl", "--category", "irrelevance", "--category", "simple_python", "--limit", "1",
+              "--model", SMOL, "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "irrelevance" in result.output and "parse rate" in result.output
-    saved = CategoryResult.model_validate_json(out.read_text())
-    assert saved.n == 1 and saved.parse_rate == 1.0 and saved.constrained
+    assert "irrelevance" in result.output and "simple_python" in result.output and "parse rate" in result.output
+    saved = BfclRun.model_validate_json(out.read_text())
+    assert saved.constrained and saved.limit == 1 and saved.model == SMOL
+    assert [r.category for r in saved.results] == ["irrelevance", "simple_python"]
+    assert all(r.n == 1 and r.parse_rate == 1.0 for r in saved.results)
+
+
+def test_cli_eval_bfcl_rejects_unknown_category_before_loading_a_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from selftune.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "bfcl", "--category", "simple_python", "--category", "no_such_category",
+                                      "--model", "hf:/nonexistent"])
+    assert result.exit_code != 0
+    assert "no_such_category" in str(result.exception or result.output)

@@ -5,9 +5,9 @@ format :func:`selftune.agent.prompts.tool_signature` gives the agent's tools) an
 ``{"tool": "<name>", "arguments": {...}}``, the no-call answer ``{"tool": "none", ...}``, or a
 JSON list of calls; then BFCL's own messages (a leading BFCL system message is appended to
 ours). Generation is greedy with no assistant prefix, so an unconstrained model may answer
-with a list. With ``constrained=True`` the reply is grammar-constrained to one call of the
-question's tools or the no-call answer: ``LocalChatModel`` does not expose the grammar's
-``max_calls``, so constrained runs make at most one call (parallel categories then fail).
+with a list. With ``constrained=True`` the reply is grammar-constrained to a call of the
+question's tools or the no-call answer; in the parallel categories the grammar also admits a
+JSON list of up to :data:`PARALLEL_MAX_CALLS` calls.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from pydantic import BaseModel
 
 from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.generation import generate
 from selftune.agent.prompts import tool_signature
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl.checker import CheckResult, check
 from selftune.bfcl.data import BfclAnswer, BfclQuestion, from_tool_name, load_category
 
 __all__ = [
+    "BfclRun",
     "CategoryResult",
     "QuestionRecord",
     "build_messages",
@@ -66,6 +68,16 @@ class CategoryResult(BaseModel):
     model_id: str | None = None
     adapter_version: str | None = None
     records: list[QuestionRecord]
+
+
+class BfclRun(BaseModel):
+    """One ``selftune eval bfcl`` invocation: its settings and a result per category."""
+
+    model: str
+    limit: int | None
+    seed: int
+    constrained: bool
+    results: list[CategoryResult]
 
 
 def system_prompt(tools: list[dict[str, Any]]) -> str:
@@ -115,17 +127,18 @@ def evaluate_category(
     constrained: bool = True,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> CategoryResult:
-    """Run ``chat`` (a ``LocalChatModel``; ``constrained=False`` works with any chat model that
-    accepts ``max_new_tokens``) greedily on ``limit`` questions of ``category`` and score them."""
+    """Run ``chat`` greedily on ``limit`` questions of ``category`` and score them. ``constrained``
+    offers the question's functions as tools (grammar on the local backend, native tool calling
+    on a server); without it the model sees them only in the prompt."""
     records: list[QuestionRecord] = []
     for question, answer in load_category(category, limit=limit, seed=seed):
-        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+        options: dict[str, Any] = {}
         if constrained:
             # Parallel categories expect several calls: let the grammar admit a list of them.
             max_calls = PARALLEL_MAX_CALLS if "parallel" in category else 1
             options.update(tools=question.tools(), allow_no_call=True, max_calls=max_calls)
         start = time.perf_counter()
-        reply = chat.invoke(build_messages(question), **options)
+        reply = generate(chat, build_messages(question), max_tokens=max_new_tokens, temperature=0.0, **options)
         wall = time.perf_counter() - start
         text = reply.content if isinstance(reply.content, str) else str(reply.content)
         parsed, calls, result = score_reply(question, answer, text)
