@@ -7,9 +7,7 @@ test must kill or stop the daemon in the middle of a goal.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sqlite3
 import stat
 import time
 from collections import Counter
@@ -26,7 +24,7 @@ from selftune.memory.episodes import EpisodeStore
 from selftune.settings import load_settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
 
-from daemon_harness import DaemonProcess, read_sse
+from daemon_harness import DaemonProcess
 
 
 def _store(data_dir: Path) -> EpisodeStore:
