@@ -116,6 +116,11 @@ class LocalChatModel(BaseChatModel):
                 adapter = PeftModel.from_pretrained(self.model, str(path))
                 self._active, self.adapter_version = adapter.eval(), version or Path(path).name
 
+    def render_prompt(self, messages: list[BaseMessage], prefix: str = "") -> str:
+        """The model's chat-template text for ``messages``, opened for the assistant's reply."""
+        chat = [{"role": _role(m), "content": m.text} for m in messages]
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + prefix
+
     def next_token_logits(self, text: str) -> torch.Tensor:
         """Float32 logits of the token after raw ``text``, with the active adapter."""
         with self._lock, torch.inference_mode():
@@ -139,8 +144,7 @@ class LocalChatModel(BaseChatModel):
             raise TypeError(f"unsupported generation arguments: {', '.join(sorted(kwargs))}")
         stop = [s for s in (stop or []) if s]
 
-        chat = [{"role": _role(m), "content": m.text} for m in messages]
-        prompt = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + prefix
+        prompt = self.render_prompt(messages, prefix)
         encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:

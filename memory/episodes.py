@@ -107,6 +107,16 @@ def _insert(table: str, columns: tuple[str, ...]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+def _scored_where(origin_exclude: Collection[str]) -> tuple[str, tuple[str, ...]]:
+    """SQL condition (and its parameters) for finished episodes with a reward, by origin."""
+    excluded = tuple(sorted(origin_exclude))
+    where = (
+        f"status != 'running' AND origin NOT IN ({', '.join('?' * len(excluded))}) "
+        "AND EXISTS (SELECT 1 FROM rewards WHERE rewards.episode_id = episodes.id)"
+    )
+    return where, excluded
+
+
 def _step_row(episode_id: str, step: Step) -> tuple[Any, ...]:
     message = step.message
     return (
@@ -263,15 +273,22 @@ class EpisodeStore:
 
     def scored(self, min_score: float, origin_exclude: Collection[str] = frozenset({"eval"})) -> builtins.list[Episode]:
         """Finished (not ``running``) episodes scoring at least ``min_score``, best first, newest first on ties."""
-        excluded = sorted(origin_exclude)
-        where = (
-            f"status != 'running' AND origin NOT IN ({', '.join('?' * len(excluded))}) "
-            "AND EXISTS (SELECT 1 FROM rewards WHERE rewards.episode_id = episodes.id)"
-        )
+        where, params = _scored_where(origin_exclude)
         with self._lock:
-            headers = self._load(where, tuple(excluded), limit=None)
+            headers = self._load(where, params, limit=None)
             chosen = self._with_steps([e for e in headers if e.score is not None and e.score >= min_score])
         return sorted(chosen, key=lambda e: -(e.score or 0.0))  # stable: newest first among equals
+
+    def count_scored(self, origin_exclude: Collection[str] = frozenset({"eval"})) -> int:
+        """How many finished episodes carry at least one reward (whatever their score)."""
+        where, params = _scored_where(origin_exclude)
+        with self._lock:
+            return int(self._conn.execute(f"SELECT COUNT(*) FROM episodes WHERE {where}", params).fetchone()[0])
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log back into the database file."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def export_jsonl(self, out: TextIO, min_score: float | None = None) -> int:
         """Write one chat-format JSON object per episode (optionally only those scoring >= ``min_score``)."""

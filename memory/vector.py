@@ -99,3 +99,24 @@ class VectorMemory:
 
     def count(self) -> int:
         return self._collection.count()
+
+    def remove_duplicates(self, page: int = 1000) -> int:
+        """Delete memories whose kind and text repeat an older one; returns how many went."""
+        oldest: dict[tuple[str, str], tuple[str, str]] = {}  # (kind, text) -> (created_at, id)
+        duplicates: list[str] = []
+        offset = 0
+        while (rows := self._collection.get(include=["documents", "metadatas"], limit=page, offset=offset))["ids"]:
+            for id_, text, meta in zip(rows["ids"], rows["documents"], rows["metadatas"]):
+                key, created = (str(meta.get("kind")), text or ""), str(meta.get("created_at", ""))
+                kept = oldest.setdefault(key, (created, id_))
+                if kept[1] == id_:
+                    continue
+                if created < kept[0]:
+                    duplicates.append(kept[1])
+                    oldest[key] = (created, id_)
+                else:
+                    duplicates.append(id_)
+            offset += page
+        for start in range(0, len(duplicates), 500):
+            self._collection.delete(ids=duplicates[start:start + 500])
+        return len(duplicates)

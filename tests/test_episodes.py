@@ -181,6 +181,16 @@ def test_scored_selects_full_finished_episodes(store: EpisodeStore) -> None:
     assert all(len(e.steps) == 5 and e.steps[2].message.tool_calls for e in chosen)
     assert {e.id for e in store.scored(0.7, origin_exclude=set())} == {"ep_best", "ep_good", "ep_eval"}
     assert {e.id for e in store.scored(0.0)} == {"ep_best", "ep_good", "ep_bad"}
+    assert store.count_scored() == 3  # whatever the score; not running, not evaluation, not unrewarded
+    assert store.count_scored(origin_exclude=set()) == 4
+
+
+def test_checkpoint_empties_the_write_ahead_log(store: EpisodeStore, db: Path) -> None:
+    finished(store, "ep_1", rewards={"verifier": 1.0})
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size > 0
+    store.checkpoint()
+    assert wal.stat().st_size == 0 and store.get("ep_1").score == 1.0
 
 
 def test_export_loads_with_datasets(store: EpisodeStore, tmp_path: Path) -> None:

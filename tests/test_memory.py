@@ -174,3 +174,15 @@ def test_reopen_in_new_process(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [FACTS[0], f"ep_9 {FACTS[1]}"]
+
+
+def test_remove_duplicates_keeps_the_oldest_of_each_kind_and_text(memory: VectorMemory) -> None:
+    first = memory.add(["Paris is the capital of France."], kind="fact")
+    memory.add(["Paris is the capital of France.", "Rome is in Italy."], kind="fact")
+    memory.add(["Paris is the capital of France."], kind="observation")  # another kind: kept
+
+    assert memory.remove_duplicates(page=1) == 1  # paging does not lose or double-count rows
+    assert memory.count() == 3
+    facts = memory.search("capital of France", k=5, kind="fact")
+    assert [hit.id for hit in facts if hit.text.startswith("Paris")] == first
+    assert memory.remove_duplicates() == 0

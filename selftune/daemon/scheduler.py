@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -35,7 +34,7 @@ from selftune.daemon.tuning import TuneBusy, TuneRunner
 from selftune.memory.records import utc_now
 from selftune.runtime import Runtime
 
-__all__ = ["JOB_IDS", "DaemonScheduler", "run_job", "cron_trigger", "scored_episode_count"]
+__all__ = ["JOB_IDS", "DaemonScheduler", "run_job", "cron_trigger"]
 
 log = logging.getLogger(__name__)
 JOB_IDS = ("tune-cron", "tune-after-episodes", "report", "compaction")
@@ -59,23 +58,6 @@ def cron_trigger(expression: str, timezone: str | None) -> CronTrigger:
     return CronTrigger(**dict(zip(names, fields)), timezone=timezone)
 
 
-def scored_episode_count(db_path: Path) -> int:
-    """Finished, scored, non-evaluation episodes in the episode store (read-only; 0 before it exists)."""
-    try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
-    except sqlite3.OperationalError:
-        return 0
-    try:
-        return conn.execute(
-            "SELECT COUNT(*) FROM episodes WHERE status != 'running' AND origin != 'eval' "
-            "AND EXISTS (SELECT 1 FROM rewards WHERE rewards.episode_id = episodes.id)"
-        ).fetchone()[0]
-    except sqlite3.OperationalError:  # no tables yet
-        return 0
-    finally:
-        conn.close()
-
-
 class DaemonScheduler:
     def __init__(self, runtime: Runtime, queue: GoalQueue, journal: Journal, tuner: TuneRunner,
                  metrics: DaemonMetrics) -> None:
@@ -94,7 +76,7 @@ class DaemonScheduler:
         global _current
         _current = self
         if self.journal.get_state(_BASELINE_KEY) is None:  # episodes older than the daemon are not "new"
-            self.journal.set_state(_BASELINE_KEY, str(scored_episode_count(self.runtime.settings.db_path)))
+            self.journal.set_state(_BASELINE_KEY, str(self.runtime.store.count_scored()))
         self.store_path.parent.mkdir(parents=True, exist_ok=True)
         scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{self.store_path}")},
@@ -176,13 +158,13 @@ class DaemonScheduler:
 
     def start_tune(self, trigger: str, method: str | None = None) -> str:
         """Start a round now (any trigger); the new-episode count restarts from here."""
-        count = scored_episode_count(self.runtime.settings.db_path)
+        count = self.runtime.store.count_scored()
         run = self.tuner.start(trigger, method)  # TuneBusy propagates to the API; jobs report it below
         self.journal.set_state(_BASELINE_KEY, str(count))
         return f"started {run.id}"
 
     def _tune_if_enough_new_episodes(self) -> str:
-        count = scored_episode_count(self.runtime.settings.db_path)
+        count = self.runtime.store.count_scored()
         baseline = int(self.journal.get_state(_BASELINE_KEY, "0") or 0)
         needed = self.settings.tune_after_episodes or 0
         if count - baseline < needed:
@@ -226,54 +208,10 @@ class DaemonScheduler:
     def compact(self) -> str:
         """Drop duplicate memories (same kind and text, oldest kept), old step events; checkpoint SQLite."""
         started = time.monotonic()
-        removed = self._dedupe_memories()
+        removed = self.runtime.memory.remove_duplicates()
         cutoff = utc_now() - timedelta(days=self.settings.events_retention_days)
         pruned = self.queue.prune_events(cutoff)
         self.queue.checkpoint()
         self.journal.checkpoint()
-        db = self.runtime.settings.db_path
-        if db.exists():
-            conn = sqlite3.connect(db, timeout=30.0)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
+        self.runtime.store.checkpoint()
         return f"removed {removed} duplicate memories, {pruned} old events ({time.monotonic() - started:.1f}s)"
-
-    def _dedupe_memories(self) -> int:
-        settings = self.runtime.settings
-        if not settings.chroma_dir.exists():
-            return 0
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
-
-        from selftune.memory.embeddings import LocalSentenceTransformerEmbedding
-
-        client = chromadb.PersistentClient(path=str(settings.chroma_dir), settings=ChromaSettings(anonymized_telemetry=False))
-        try:
-            collection = client.get_collection(
-                settings.memory.collection,
-                embedding_function=LocalSentenceTransformerEmbedding(settings.memory.embedding_model))
-        except Exception:  # no collection yet
-            return 0
-        keep: dict[tuple[str, str], tuple[str, str]] = {}
-        duplicates: list[str] = []
-        offset, page = 0, 1000
-        while True:
-            batch = collection.get(include=["documents", "metadatas"], limit=page, offset=offset)
-            if not batch["ids"]:
-                break
-            for id_, text, meta in zip(batch["ids"], batch["documents"], batch["metadatas"]):
-                key = (str((meta or {}).get("kind")), text or "")
-                created = str((meta or {}).get("created_at", ""))
-                if key not in keep:
-                    keep[key] = (created, id_)
-                elif created < keep[key][0]:
-                    duplicates.append(keep[key][1])
-                    keep[key] = (created, id_)
-                else:
-                    duplicates.append(id_)
-            offset += page
-        for start in range(0, len(duplicates), 500):
-            collection.delete(ids=duplicates[start:start + 500])
-        return len(duplicates)
