@@ -70,4 +70,5 @@ def build_chat_model(settings: ModelSettings, cache_dir: Path) -> BaseChatModel:
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         threads=settings.threads,
+        prefix_cache_entries=settings.prefix_cache_entries,
     )

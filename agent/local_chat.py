@@ -18,6 +18,7 @@ from pydantic import Field, PrivateAttr
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from selftune.agent.constrained import grammar_cache, openai_functions
+from selftune.agent.prefix_cache import PrefixCache
 
 __all__ = ["LocalChatModel"]
 
@@ -77,14 +78,22 @@ class LocalChatModel(BaseChatModel):
     max_new_tokens: int = Field(192, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     threads: int | None = Field(None, ge=1)
+    prefix_cache_entries: int = Field(4, ge=0)  # 0 turns prefix KV-cache reuse off
 
     _active: Any = PrivateAttr(None)  # the base model or a PeftModel wrapping it
     _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
+    _prefix_cache: PrefixCache = PrivateAttr()
 
     def model_post_init(self, context: Any) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         self._active = self.model
+        self._prefix_cache = PrefixCache(max_entries=self.prefix_cache_entries)
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """KV caches of recent prompts, reused by prompts that start with the same tokens."""
+        return self._prefix_cache
 
     @property
     def _llm_type(self) -> str:
@@ -111,6 +120,7 @@ class LocalChatModel(BaseChatModel):
                 # tuning leaves the base model untouched).
                 self._active.base_model.unload()
             self._active, self.adapter_version = self.model, None
+            self._prefix_cache.clear()  # keys and values change with the weights
             if path is not None:
                 _check_adapter_dir(Path(path))
                 adapter = PeftModel.from_pretrained(self.model, str(path))
@@ -166,7 +176,12 @@ class LocalChatModel(BaseChatModel):
 
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
+            cache = self._prefix_cache.take(encoded["input_ids"][0]) if self._reuses_prefixes() else None
+            if cache is not None:
+                options["cache"] = cache
             output = self._active.generate(**encoded, **options)
+            if cache is not None:
+                self._prefix_cache.put(output[0], cache)
             latency = time.perf_counter() - start
             adapter_version = self.adapter_version
 
@@ -190,6 +205,12 @@ class LocalChatModel(BaseChatModel):
             },
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _reuses_prefixes(self) -> bool:
+        # Prompt tuning puts virtual tokens in front of every prompt: its caches do not line up.
+        active = self._active
+        return self.prefix_cache_entries > 0 and not (
+            isinstance(active, PeftModel) and active.active_peft_config.is_prompt_learning)
 
     def _ended_with_eos(self, tokens: torch.Tensor) -> bool:
         eos = self.model.generation_config.eos_token_id

@@ -51,6 +51,9 @@ class ModelSettings(StrictModel):
     threads: int | None = Field(None, ge=1, description="torch threads; None keeps torch's default.")
     max_new_tokens: int = Field(192, ge=1, le=8192, description="Default cap for model calls that set none.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    prefix_cache_entries: int = Field(
+        4, ge=0, le=64, description="Local models: KV caches of recent prompts kept for reuse by prompts "
+                                    "that start the same way (system text, tool schemas, transcript); 0 = off.")
     openai_base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp).")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding that server's API key.")
 
