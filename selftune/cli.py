@@ -24,10 +24,12 @@ episodes_app = typer.Typer(no_args_is_help=True, help="Browse and export logged 
 adapters_app = typer.Typer(no_args_is_help=True, help="List, activate and roll back tuned adapters.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered local models.")
 eval_app = typer.Typer(no_args_is_help=True, help="Benchmark the model (BFCL).")
+bench_app = typer.Typer(no_args_is_help=True, help="Performance benchmarks: variants timed side by side, ratios printed.")
 app.add_typer(episodes_app, name="episodes")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 _state: dict[str, object] = {}
@@ -450,6 +452,53 @@ def eval_bfcl(
     console.print(table)
     if out is not None:
         console.print(f"wrote {out}")
+
+
+# -- performance benchmarks -------------------------------------------------------------------
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")]
+
+
+def _print_bench(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    console.print_json(data={key: value for key, value in result.items() if key != "rows"})
+
+
+@bench_app.command("inference")
+def bench_inference(
+    model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Recorded agent calls to replay.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """Agent step on the local model: prefix-cached step against naive full-prompt generate."""
+    from selftune.bench.inference import run_inference_bench
+
+    _print_bench(run_inference_bench(_settings(model), steps=steps), as_json)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    size: Annotated[int, typer.Option(min=100, help="Memories to ingest before querying.")] = 100_000,
+    queries: Annotated[int, typer.Option(min=10)] = 200,
+    as_json: JsonFlag = False,
+) -> None:
+    """Chroma memory with the local embedder: batched vs single ingest, fresh vs cached query latency."""
+    from selftune.bench.memory import run_memory_bench
+
+    _print_bench(run_memory_bench(size=size, queries=queries), as_json)
+
+
+@bench_app.command("loop")
+def bench_loop(
+    goals: Annotated[int, typer.Option(min=2, help="Scripted goals per variant.")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """The agent loop's overhead per step (all but model calls), without and with vector memory."""
+    from selftune.bench.loop import run_loop_bench
+
+    _print_bench(run_loop_bench(goals=goals), as_json)
 
 
 @app.command()

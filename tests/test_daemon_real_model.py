@@ -15,7 +15,7 @@ from selftune.settings import load_settings
 from selftune.tools.registry import ToolContext, build_tools
 
 from daemon_harness import DaemonProcess
-from scripted import ScriptedChatModel
+from selftune.bench.scripted import ScriptedChatModel
 
 SMOL = "smollm2-135m-instruct"
 

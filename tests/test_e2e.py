@@ -19,7 +19,7 @@ from selftune.tuning import pipeline
 from selftune.tuning.pipeline import run_tuning_round
 from selftune.tuning.report import REPORT_SECTIONS
 
-from scripted import ScriptedChatModel
+from selftune.bench.scripted import ScriptedChatModel
 
 SMOL = "smollm2-135m-instruct"
 PROBE = "The capital of France is"

@@ -13,7 +13,7 @@ from selftune.memory.records import Verifier
 from selftune.settings import AgentSettings, ToolSettings
 from selftune.tools.registry import ToolContext, build_tools
 
-from scripted import ScriptedChatModel
+from selftune.bench.scripted import ScriptedChatModel
 
 PLAN = "1. Compute with the calculator.\n2. Finish."
 

@@ -1,4 +1,4 @@
-"""A chat model that replies from a script and records every prompt: for loop-logic tests only."""
+"""A chat model that replies from a script and records every prompt: isolates loop logic in tests and benchmarks."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Performance benchmarks (``selftune bench ...``): variants timed side by side in one run."""
