@@ -114,6 +114,7 @@ class TuningSettings(StrictModel):
     method: Literal["lora", "prompt"] = "lora"
     min_score: float = Field(0.7, ge=0.0, le=1.0, description="Episodes scoring at least this are training candidates.")
     max_episodes: int = Field(256, ge=1)
+    max_per_goal: int = Field(4, ge=1, description="Selected episodes per goal (distinct trajectories).")
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer-step cap (overrides epochs when reached first).")
     batch_size: int = Field(4, ge=1, description="Examples per optimizer step.")

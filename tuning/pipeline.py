@@ -61,7 +61,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         created_at=created, model_id=settings.model.name, method=method_name, decision="skipped", reason="",
         previous_version=previous, episodes_considered=selection.considered,
         episodes_selected=len(selection.selected), scores=selection.scores,
-        skipped=selection.skipped, config=settings.model_dump(mode="json"),
+        chosen=selection.chosen, skipped=selection.skipped, config=settings.model_dump(mode="json"),
         history=_history(runtime),
     )
 

@@ -67,6 +67,7 @@ class TuningReport(BaseModel):
     episodes_considered: int = 0
     episodes_selected: int = 0
     scores: list[float] = Field(default_factory=list)  # scores of the episodes considered
+    chosen: dict[str, str] = Field(default_factory=dict)  # episode id -> why it was selected
     skipped: dict[str, str] = Field(default_factory=dict)  # episode id -> why it was not selected
     train: TrainResult | None = None
     eval_before: dict[str, SuiteResult] = Field(default_factory=dict)

@@ -16,8 +16,13 @@ __all__ = ["Selection", "select_episodes"]
 class Selection(BaseModel):
     selected: list[Episode] = Field(default_factory=list)
     considered: int = 0
+    chosen: dict[str, str] = Field(default_factory=dict, description="episode id -> why it was chosen")
     skipped: dict[str, str] = Field(default_factory=dict, description="episode id -> reason")
     scores: list[float] = Field(default_factory=list, description="Scores of every considered episode.")
+
+
+def _goal_key(episode: Episode) -> str:
+    return " ".join(episode.goal.lower().split())
 
 
 def _trajectory_key(episode: Episode) -> str:
@@ -27,16 +32,35 @@ def _trajectory_key(episode: Episode) -> str:
         for step in episode.steps if step.trainable and step.kind == "action"
         for call in step.message.tool_calls
     ]
-    return json.dumps([episode.goal.strip().lower(), calls], sort_keys=True)
+    return json.dumps([_goal_key(episode), calls], sort_keys=True)
 
 
 def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
-    """Finished episodes scoring at least ``min_score``, best first, without duplicates, capped."""
+    """Finished episodes scoring at least ``min_score``, without duplicate trajectories, at most
+    ``max_per_goal`` per goal and ``max_episodes`` in all.
+
+    Goals the model solves only sometimes come first (they teach the most), then the rest;
+    within each, best score first, newest first on ties.
+    """
     candidates = store.scored(min_score=0.0)
     selection = Selection(considered=len(candidates), scores=[e.score for e in candidates if e.score is not None])
+
+    def solved(episode: Episode) -> bool:
+        return episode.status == "done" and (episode.score or 0.0) >= settings.min_score
+
+    attempts: dict[str, list[bool]] = {}
+    for episode in candidates:
+        attempts.setdefault(_goal_key(episode), []).append(solved(episode))
+
+    def sometimes(episode: Episode) -> bool:
+        outcomes = attempts[_goal_key(episode)]
+        return 0 < sum(outcomes) < len(outcomes)
+
     seen: set[str] = set()
-    for episode in sorted(candidates, key=lambda e: (e.score or 0.0, e.started_at), reverse=True):
-        key = _trajectory_key(episode)
+    per_goal: dict[str, int] = {}
+    ranked = sorted(candidates, key=lambda e: (sometimes(e), e.score or 0.0, e.started_at), reverse=True)
+    for episode in ranked:
+        goal, key = _goal_key(episode), _trajectory_key(episode)
         if episode.status != "done":
             reason = f"status {episode.status}"
         elif episode.score is None or episode.score < settings.min_score:
@@ -45,11 +69,17 @@ def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
             reason = "no valid assistant turn"
         elif key in seen:
             reason = "duplicate trajectory"
+        elif per_goal.get(goal, 0) >= settings.max_per_goal:
+            reason = f"its goal already has {settings.max_per_goal} selected episodes"
         elif len(selection.selected) >= settings.max_episodes:
             reason = f"over the cap of {settings.max_episodes}"
         else:
             seen.add(key)
+            per_goal[goal] = per_goal.get(goal, 0) + 1
             selection.selected.append(episode)
+            outcomes = attempts[goal]
+            selection.chosen[episode.id] = (
+                f"score {episode.score:.2f}; goal solved in {sum(outcomes)} of {len(outcomes)} attempts")
             continue
         selection.skipped[episode.id] = reason
     return selection

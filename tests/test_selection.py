@@ -1,0 +1,62 @@
+"""Which episodes become training data (tuning.selection) over a real SQLite episode store."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from selftune.memory.episodes import EpisodeStore
+from selftune.memory.records import ChatMessage, Episode, Reward, Step, ToolCall
+from selftune.settings import TuningSettings
+from selftune.tuning.selection import select_episodes
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with EpisodeStore(tmp_path / "episodes.sqlite3", weights={"verifier": 1.0}) as store:
+        yield store
+
+
+def add(store: EpisodeStore, id_: str, goal: str, score: float, minute: int, expression: str = "1+1",
+        status: str = "done") -> None:
+    call = ToolCall(name="calculator", arguments={"expression": expression})
+    steps = [Step(index=0, kind="goal", message=ChatMessage(role="user", content=goal)),
+             Step(index=1, kind="action", trainable=True,
+                  message=ChatMessage(role="assistant", content="{}", tool_calls=[call]))]
+    store.create_episode(Episode(id=id_, goal=goal, status=status, started_at=T0 + timedelta(minutes=minute),
+                                 steps=steps, rewards=[Reward(episode_id=id_, source="verifier", value=score)]))
+
+
+def test_sometimes_solved_goals_come_first_and_each_goal_is_capped(store: EpisodeStore) -> None:
+    for i in range(4):  # an easy goal: solved every time, distinct trajectories
+        add(store, f"easy{i}", "What is 1+1?", 1.0, i, expression=f"1+1+{i}*0")
+    add(store, "hard_ok", "What is 17*23?", 0.9, 10, expression="17*23")
+    add(store, "hard_fail", "What is 17*23?", 0.0, 11, expression="17*22")
+    add(store, "hard_dup", "what is  17*23?", 0.9, 12, expression="17*23")  # same goal, same calls
+
+    selection = select_episodes(store, TuningSettings(max_per_goal=2, max_episodes=3, min_score=0.7))
+
+    # The newest of two identical trajectories is kept.
+    assert [e.id for e in selection.selected] == ["hard_dup", "easy3", "easy2"]
+    assert selection.chosen["hard_dup"] == "score 0.90; goal solved in 2 of 3 attempts"
+    assert selection.chosen["easy3"] == "score 1.00; goal solved in 4 of 4 attempts"
+    assert selection.skipped == {
+        "hard_ok": "duplicate trajectory",
+        "hard_fail": "score 0.0 below 0.7",
+        "easy1": "its goal already has 2 selected episodes",
+        "easy0": "its goal already has 2 selected episodes",
+    }
+    assert selection.considered == 7
+
+
+def test_total_cap_and_unfinished_episodes(store: EpisodeStore) -> None:
+    add(store, "a", "goal a", 1.0, 0)
+    add(store, "b", "goal b", 0.8, 1)
+    add(store, "limit", "goal c", 1.0, 2, status="limit")
+    selection = select_episodes(store, TuningSettings(max_episodes=1))
+    assert [e.id for e in selection.selected] == ["a"]
+    assert selection.skipped == {"limit": "status limit", "b": "over the cap of 1"}
