@@ -131,6 +131,15 @@ class LocalChatModel(BaseChatModel):
         chat = [{"role": _role(m), "content": m.text} for m in messages]
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + prefix
 
+    def cross_entropy(self, text: str, max_tokens: int = 1024) -> float:
+        """Mean next-token cross-entropy (nats) of raw ``text`` under the active adapter: how well the
+        model still predicts general language (a forgetting measure)."""
+        with self._lock, torch.inference_mode():
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+            if ids.shape[1] < 2:
+                raise ValueError("cross_entropy needs a text of at least two tokens")
+            return float(self._active(input_ids=ids, labels=ids).loss)
+
     def next_token_logits(self, text: str) -> torch.Tensor:
         """Float32 logits of the token after raw ``text``, with the active adapter."""
         with self._lock, torch.inference_mode():

@@ -129,6 +129,11 @@ class TuningSettings(StrictModel):
     prompt_init_text: str = "You are a careful agent. Reply with exactly one JSON tool call."
     heldout_file: Path = Field(PROJECT_ROOT / "configs" / "heldout.yaml", description="Held-out goals with verifiers for the gate.")
     heldout_limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out goals.")
+    reference_file: Path = Field(
+        PROJECT_ROOT / "configs" / "reference.txt",
+        description="Public-domain text whose cross-entropy the gate watches for forgetting.")
+    reference_tolerance: float = Field(
+        0.05, ge=0.0, description="Largest relative rise of reference cross-entropy a candidate may cause.")
     promote_margin: float = Field(0.0, description="Candidate must beat the active adapter by this much (0 = not worse).")
     seed: int = 0
 

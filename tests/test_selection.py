@@ -60,3 +60,17 @@ def test_total_cap_and_unfinished_episodes(store: EpisodeStore) -> None:
     selection = select_episodes(store, TuningSettings(max_episodes=1))
     assert [e.id for e in selection.selected] == ["a"]
     assert selection.skipped == {"limit": "status limit", "b": "over the cap of 1"}
+
+
+def test_gate_promotes_only_with_accuracy_and_without_forgetting() -> None:
+    from selftune.tuning.pipeline import gate
+    from selftune.tuning.report import SuiteResult
+
+    before, better = SuiteResult(name="heldout", accuracy=0.5, n=4), SuiteResult(name="heldout", accuracy=0.75, n=4)
+    decision, reason = gate(before, better, 0.0, 2.00, 2.12, 0.05)
+    assert decision == "rejected" and reason.startswith("forgetting: reference cross-entropy 2.000 -> 2.120 (+6.0%")
+    decision, reason = gate(before, better, 0.0, 2.00, 2.08, 0.05)
+    assert decision == "promoted" and reason.endswith("reference cross-entropy 2.000 -> 2.080 (+4.0%, tolerance 5%)")
+    decision, reason = gate(better, before, 0.0, 2.00, 1.90, 0.05)
+    assert decision == "rejected" and reason.startswith("held-out accuracy 0.75 -> 0.50")
+    assert gate(before, better, 0.5, 2.00, 2.00, 0.05)[0] == "rejected"  # the margin is not reached

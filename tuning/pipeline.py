@@ -1,9 +1,11 @@
 """One self-tuning round: select -> build data -> train -> gate -> promote or reject -> report.
 
 The candidate is trained from the base weights on the selected episodes, then the
-agent runs the held-out goals with the active adapter and with the candidate. The
-candidate is promoted only when it is not worse than the active one by more than
-``promote_margin`` allows; a rejected candidate is kept on disk but never becomes
+agent runs the held-out goals with the active adapter and with the candidate, and both
+score a fixed public-domain reference text (cross-entropy: forgetting of general
+language). The candidate is promoted only when its held-out accuracy is at least the
+active one's plus ``promote_margin`` and its reference cross-entropy rose by at most
+``reference_tolerance``; a rejected candidate is kept on disk but never becomes
 active. The candidate is registered only after its evaluation, so a crash or
 interrupt anywhere before that leaves the registry unchanged.
 """
@@ -27,7 +29,7 @@ from selftune.tuning.report import SuiteResult, TuningReport, write_report
 from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
-__all__ = ["TuningOutcome", "run_tuning_round"]
+__all__ = ["TuningOutcome", "gate", "run_tuning_round"]
 
 Decision = Literal["promoted", "rejected", "skipped"]
 
@@ -41,11 +43,18 @@ class TuningOutcome(BaseModel):
     after: SuiteResult | None = None
 
 
-def _gate(before: SuiteResult, after: SuiteResult, margin: float) -> tuple[Decision, str]:
-    verdict = f"held-out accuracy {before.accuracy:.2f} -> {after.accuracy:.2f} (n={after.n}, margin {margin:+.2f})"
-    if after.accuracy >= before.accuracy + margin:
-        return "promoted", verdict
-    return "rejected", verdict
+def gate(before: SuiteResult, after: SuiteResult, margin: float, reference_before: float,
+         reference_after: float, tolerance: float) -> tuple[Decision, str]:
+    """Promote only if held-out accuracy gains ``margin`` and reference cross-entropy rises at most
+    ``tolerance`` (relative); the reason gives both figures."""
+    accuracy = f"held-out accuracy {before.accuracy:.2f} -> {after.accuracy:.2f} (n={after.n}, margin {margin:+.2f})"
+    rise = reference_after / reference_before - 1
+    reference = f"reference cross-entropy {reference_before:.3f} -> {reference_after:.3f} ({rise:+.1%}, tolerance {tolerance:.0%})"
+    if after.accuracy < before.accuracy + margin:
+        return "rejected", f"{accuracy}; {reference}"
+    if rise > tolerance:
+        return "rejected", f"forgetting: {reference}; {accuracy}"
+    return "promoted", f"{accuracy}; {reference}"
 
 
 def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutcome:
@@ -82,19 +91,24 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         return finish("skipped", f"every selected episode is longer than max_seq_len={tuning.max_seq_len}")
 
     goals = load_goals(tuning.heldout_file)[: tuning.heldout_limit]
+    reference_text = tuning.reference_file.read_text()
     before = evaluate_goals(runtime.agent(), goals)
+    reference_before = chat.cross_entropy(reference_text)
     version, out_dir = runtime.adapters.allocate()
     try:
         chat.use_adapter(None, None)  # each round trains from the base weights
         train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name)
         chat.use_adapter(out_dir, version)
         after = evaluate_goals(runtime.agent(sync=False), goals)
+        reference_after = chat.cross_entropy(reference_text)
     finally:
         runtime.sync_adapter()
-    decision, reason = _gate(before, after, tuning.promote_margin)
+    decision, reason = gate(before, after, tuning.promote_margin, reference_before, reference_after,
+                            tuning.reference_tolerance)
     runtime.adapters.register(AdapterVersion(
         version=version, method=method_name, base_model=settings.model.name, path=out_dir,
         metrics={"heldout_before": before.accuracy, "heldout_after": after.accuracy,
+                 "reference_ce_before": reference_before, "reference_ce_after": reference_after,
                  "train_loss_last": train.losses[-1], "examples": train.examples},
     ))
     if decision == "promoted":
@@ -104,6 +118,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     runtime.sync_adapter()
     return finish(decision, reason, candidate_version=version, train=train,
                   eval_before={"heldout": before}, eval_after={"heldout": after},
+                  reference_ce_before=reference_before, reference_ce_after=reference_after,
                   history=_history(runtime))
 
 

@@ -72,6 +72,8 @@ class TuningReport(BaseModel):
     train: TrainResult | None = None
     eval_before: dict[str, SuiteResult] = Field(default_factory=dict)
     eval_after: dict[str, SuiteResult] = Field(default_factory=dict)
+    reference_ce_before: float | None = None  # mean cross-entropy (nats/token) on the reference text
+    reference_ce_after: float | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     packages: dict[str, str] = Field(default_factory=package_versions)
     history: list[tuple[str, float]] = Field(default_factory=list)  # (version, held-out accuracy), oldest first
