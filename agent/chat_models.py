@@ -3,12 +3,12 @@ LangChain chat model named by import path."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 from langchain_core.language_models import BaseChatModel
 
+from selftune.importing import import_object
 from selftune.settings import ConfigError, ModelSettings
 
 __all__ = ["OPENAI_PREFIX", "PY_PREFIX", "build_chat_model", "import_chat_model"]
@@ -20,17 +20,7 @@ PY_PREFIX = "py:"
 def import_chat_model(spec: str) -> BaseChatModel:
     """``'module:attribute'``: a BaseChatModel instance, or a zero-argument factory returning one."""
     where = f"model.name 'py:{spec}'"
-    module_name, _, attribute = spec.partition(":")
-    if not module_name.strip() or not attribute.strip():
-        raise ConfigError(f"{where}: expected 'py:module:attribute'")
-    try:
-        target: object = importlib.import_module(module_name)
-    except Exception as error:
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {error}") from error
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
+    target = import_object(spec, where)
     if not isinstance(target, BaseChatModel):
         if not callable(target):
             raise ConfigError(f"{where}: expected a chat model or a factory, got {target!r}")

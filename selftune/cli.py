@@ -8,7 +8,7 @@ import sys
 import warnings
 import webbrowser
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -147,6 +147,18 @@ def chat(
         _remote_chat(client)
         return
     runtime = _runtime(model)
+
+    def run_local(goal: str) -> tuple[str, str | None]:
+        result = _run_goal(runtime, goal)
+        _print_result(result)
+        return result.answer or "", result.episode_id
+
+    _chat_loop(run_local, lambda episode, rating: _add_feedback(runtime, episode, rating, None))
+
+
+def _chat_loop(run: Callable[[str], tuple[str, str | None]], rate: Callable[[str, str], None]) -> None:
+    """Read goals until EOF or `exit`; follow-ups carry the last three goals and answers; `+1`/`-1`
+    rate the last answer. ``run`` returns (answer, episode id)."""
     history: list[tuple[str, str]] = []
     last_episode: str | None = None
     while True:
@@ -157,14 +169,11 @@ def chat(
         if line in ("", "exit", "quit"):
             break
         if line in ("+1", "-1") and last_episode:
-            _add_feedback(runtime, last_episode, line, None)
+            rate(last_episode, line)
             continue
         context = "".join(f"Earlier goal: {g}\nEarlier answer: {a}\n" for g, a in history[-3:])
-        goal = f"{context}Follow-up goal: {line}" if context else line
-        result = _run_goal(runtime, goal)
-        _print_result(result)
-        last_episode = result.episode_id
-        history.append((line, result.answer or ""))
+        answer, last_episode = run(f"{context}Follow-up goal: {line}" if context else line)
+        history.append((line, answer))
 
 
 def _print_remote_event(kind: str, data: dict) -> None:
@@ -199,25 +208,16 @@ def _print_remote_result(record: dict) -> None:
 
 
 def _remote_chat(client) -> None:
-    history: list[tuple[str, str]] = []
-    last_episode: str | None = None
-    while True:
-        try:
-            line = input("goal> ").strip()
-        except EOFError:
-            break
-        if line in ("", "exit", "quit"):
-            break
-        if line in ("+1", "-1") and last_episode:
-            rated = client.feedback(last_episode, line)
-            console.print(f"recorded {line} for {rated['episode_id']}; score now {rated['score']:.2f}")
-            continue
-        context = "".join(f"Earlier goal: {g}\nEarlier answer: {a}\n" for g, a in history[-3:])
-        goal = f"{context}Follow-up goal: {line}" if context else line
+    def run_remote(goal: str) -> tuple[str, str | None]:
         record = _follow_remote(client, client.submit(goal))
         _print_remote_result(record)
-        last_episode = record.get("episode_id")
-        history.append((line, record.get("answer") or ""))
+        return record.get("answer") or "", record.get("episode_id")
+
+    def rate(episode: str, rating: str) -> None:
+        rated = client.feedback(episode, rating)
+        console.print(f"recorded {rating} for {rated['episode_id']}; score now {rated['score']:.2f}")
+
+    _chat_loop(run_remote, rate)
 
 
 @app.command()

@@ -6,7 +6,6 @@ is cheap enough to do once per episode.
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from langchain_core.tools import BaseTool
 
+from selftune.importing import import_object
 from selftune.settings import ConfigError, ToolSettings
 from selftune.tools.calculator import CalculatorTool
 from selftune.tools.finish import FINISH_TOOL, FinishTool
@@ -65,17 +65,7 @@ BUILTIN_TOOLS: tuple[str, ...] = tuple(_BUILTINS)
 def load_extra_tool(spec: str) -> BaseTool:
     """Tool named by ``'module:attribute'``: a BaseTool instance, a BaseTool subclass or a zero-arg factory."""
     where = f"tools.extra entry {spec!r}"
-    module_name, _, attribute = spec.partition(":")
-    if not module_name.strip() or not attribute.strip():
-        raise ConfigError(f"{where}: expected 'module:attribute'")
-    try:
-        target: object = importlib.import_module(module_name)
-    except Exception as error:
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {error}") from error
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
+    target = import_object(spec, where)
     if isinstance(target, BaseTool):
         return target
     if (isinstance(target, type) and not issubclass(target, BaseTool)) or not callable(target):
