@@ -365,3 +365,27 @@ def test_default_qwen_model_generates() -> None:
     reply = chat.invoke(MESSAGES, assistant_prefix=PREFIX)
     assert reply.content.startswith(PREFIX) and len(reply.content) > len(PREFIX)
     assert reply.usage_metadata["output_tokens"] >= 1
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("no_colon", "expected 'module:attribute'"),
+    ("no_such_module_here:build", "cannot import 'no_such_module_here'"),
+    ("json:no_such_attribute", "'json' has no attribute 'no_such_attribute'"),
+    ("json:decoder.JSONDecodeError.__name__", "expected a chat model or a factory"),
+    ("json:JSONDecoder", "the factory returned JSONDecoder, not a LangChain chat model"),
+])
+def test_py_model_specs_fail_with_the_key_named(spec: str, message: str) -> None:
+    from selftune.agent.chat_models import build_chat_model
+    from selftune.settings import ConfigError, ModelSettings
+
+    with pytest.raises(ConfigError) as error:
+        build_chat_model(ModelSettings(name=f"py:{spec}"), Path("/nonexistent"))
+    assert f"model.name 'py:{spec}'" in str(error.value) and message in str(error.value)
+
+
+def test_py_model_spec_builds_the_named_chat_model() -> None:
+    from selftune.agent.chat_models import build_chat_model
+    from selftune.settings import ModelSettings
+
+    model = build_chat_model(ModelSettings(name="py:daemon_model:build"), Path("/nonexistent"))
+    assert model.invoke("What is 2*3?").content  # a working LangChain chat model from tests/daemon_model.py
