@@ -113,7 +113,7 @@ def test_prefix_cache_keeps_the_most_recent_entries(weights) -> None:
     for ids in prompts:
         kv = cache.take(ids)
         with torch.inference_mode():
-            model(ids[None, :-1], past_key_values=kv, use_cache=True)
+            model(ids[None, :-1], cache=kv, use_cache=True)
         cache.put(ids, kv)
     assert len(cache) == 2 and cache.stats.hits == 0
     assert cache.take(prompts[0]).get_seq_length() == 0  # evicted: a fresh cache
