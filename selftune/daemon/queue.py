@@ -247,19 +247,11 @@ class GoalQueue:
     def heartbeat(self, goal_id: str, token: str) -> bool:
         """Extend the lease; False when it is no longer held (requeued or finished elsewhere)."""
         with self._tx() as conn:
-            cursor = conn.execute(
-                "UPDATE goals SET lease_expires = ? WHERE id = ? AND lease_token = ? AND status = 'running'",
-                (time.time() + self.lease_seconds, goal_id, token),
-            )
-        return cursor.rowcount == 1
+            return self._leased_update(conn, goal_id, token, "lease_expires = ?", (time.time() + self.lease_seconds,))
 
     def set_episode(self, goal_id: str, token: str, episode_id: str) -> bool:
         with self._tx() as conn:
-            cursor = conn.execute(
-                "UPDATE goals SET episode_id = ?, updated_at = ? WHERE id = ? AND lease_token = ? AND status = 'running'",
-                (episode_id, _now(), goal_id, token),
-            )
-        return cursor.rowcount == 1
+            return self._leased_update(conn, goal_id, token, "episode_id = ?, updated_at = ?", (episode_id, _now()))
 
     def finish(
         self,
@@ -275,29 +267,24 @@ class GoalQueue:
             raise ValueError(f"finish needs a final status, not {status!r}")
         now = _now()
         with self._tx() as conn:
-            cursor = conn.execute(
-                "UPDATE goals SET status = ?, answer = ?, error = ?, episode_status = ?, finished_at = ?, "
-                "updated_at = ?, lease_token = NULL, lease_expires = NULL "
-                "WHERE id = ? AND lease_token = ? AND status = 'running'",
-                (status, answer, error, episode_status, now, now, goal_id, token),
-            )
-            if cursor.rowcount == 1:
+            done = self._leased_update(
+                conn, goal_id, token, "status = ?, answer = ?, error = ?, episode_status = ?, finished_at = ?, "
+                "updated_at = ?, lease_token = NULL, lease_expires = NULL",
+                (status, answer, error, episode_status, now, now))
+            if done:
                 self._log(conn, goal_id, "running", status, now, error)
-        return cursor.rowcount == 1
+        return done
 
     def requeue(self, goal_id: str, token: str, note: str) -> bool:
         """Give a running goal back (shutdown); the interrupted attempt does not count against it."""
         now = _now()
         with self._tx() as conn:
-            cursor = conn.execute(
-                "UPDATE goals SET status = 'queued', attempts = MAX(attempts - 1, 0), lease_owner = NULL, "
-                "lease_token = NULL, lease_expires = NULL, updated_at = ? "
-                "WHERE id = ? AND lease_token = ? AND status = 'running'",
-                (now, goal_id, token),
-            )
-            if cursor.rowcount == 1:
+            done = self._leased_update(
+                conn, goal_id, token, "status = 'queued', attempts = MAX(attempts - 1, 0), lease_owner = NULL, "
+                "lease_token = NULL, lease_expires = NULL, updated_at = ?", (now,))
+            if done:
                 self._log(conn, goal_id, "running", "queued", now, note)
-        return cursor.rowcount == 1
+        return done
 
     def cancel_requested(self, goal_id: str) -> bool:
         with self._lock:
@@ -383,6 +370,16 @@ class GoalQueue:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- internals (callers hold the lock or a transaction) ---------------------------------------
+
+    @staticmethod
+    def _leased_update(conn: sqlite3.Connection, goal_id: str, token: str, assignments: str,
+                       params: tuple[Any, ...]) -> bool:
+        """``UPDATE goals SET <assignments>`` only while ``token`` holds the running goal's lease."""
+        cursor = conn.execute(
+            f"UPDATE goals SET {assignments} WHERE id = ? AND lease_token = ? AND status = 'running'",
+            (*params, goal_id, token),
+        )
+        return cursor.rowcount == 1
 
     def _log(self, conn: sqlite3.Connection, goal_id: str, old: str | None, new: str, at: str, note: str | None) -> None:
         conn.execute("INSERT INTO transitions (goal_id, from_status, to_status, at, note) VALUES (?, ?, ?, ?, ?)",
