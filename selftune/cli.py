@@ -8,7 +8,7 @@ import sys
 import warnings
 import webbrowser
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from selftune.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from selftune.bfcl.harness import BfclRun
 
 __all__ = ["app", "main"]
 
@@ -422,6 +425,7 @@ def eval_bfcl(
     adapter: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="PEFT adapter directory to activate.")] = None,
     unconstrained: Annotated[bool, typer.Option("--unconstrained", help="Free decoding, no grammar.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the full run (with per-question records) as JSON.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the questions already scored in --out (same model, seed and decoding).")] = False,
 ) -> None:
     """Score the local model on BFCL categories (greedy, BFCL AST rules)."""
     from selftune.agent.chat_models import build_chat_model
@@ -431,6 +435,7 @@ def eval_bfcl(
     for name in category:
         category_kind(name)  # an unknown category fails before the model loads
     settings = _settings(model)
+    earlier = _earlier_run(out, settings.model.name, seed, not unconstrained) if resume else None
     chat = build_chat_model(settings.model, settings.model_cache)
     if adapter is not None:
         if not hasattr(chat, "use_adapter"):
@@ -440,9 +445,14 @@ def eval_bfcl(
         except FileNotFoundError as error:
             raise typer.BadParameter(str(error), param_hint="--adapter") from None
     run = BfclRun(model=settings.model.name, limit=limit, seed=seed, constrained=not unconstrained, results=[])
+    done: dict[str, dict] = {}
+    if earlier is not None:  # categories not asked for now stay in the file as they were
+        run.results = [result for result in earlier.results if result.category not in category]
+        done = {result.category: {record.id: record for record in result.records} for result in earlier.results}
     table = Table("category", "n", "accuracy", "parse rate", "mean latency (s)", "mean tokens")
     for name in category:
-        result = evaluate_category(chat, name, limit=limit, seed=seed, constrained=not unconstrained)
+        result = evaluate_category(chat, name, limit=limit, seed=seed, constrained=not unconstrained,
+                                   done=done.get(name))
         run.results.append(result)
         table.add_row(result.category, str(result.n), f"{result.accuracy:.3f}", f"{result.parse_rate:.3f}",
                       f"{result.mean_latency_s:.2f}", f"{result.mean_output_tokens:.1f}")
@@ -452,6 +462,29 @@ def eval_bfcl(
     console.print(table)
     if out is not None:
         console.print(f"wrote {out}")
+
+
+def _earlier_run(out: Path | None, model: str, seed: int, constrained: bool) -> BfclRun | None:
+    """The run already in ``out`` (``--resume``), checked to have the same settings."""
+    from pydantic import ValidationError
+
+    from selftune.bfcl.harness import BfclRun
+
+    if out is None:
+        raise typer.BadParameter("--resume needs --out", param_hint="--resume")
+    if not out.exists():
+        return None
+    try:
+        earlier = BfclRun.model_validate_json(out.read_text())
+    except (ValidationError, ValueError) as error:
+        raise typer.BadParameter(f"{out} is not a BFCL run file: {error}", param_hint="--out") from None
+    if (earlier.model, earlier.seed, earlier.constrained) != (model, seed, constrained):
+        raise typer.BadParameter(
+            f"{out} holds a run of {earlier.model} (seed {earlier.seed}, constrained={earlier.constrained});"
+            f" this one is {model} (seed {seed}, constrained={constrained})",
+            param_hint="--resume",
+        )
+    return earlier
 
 
 # -- performance benchmarks -------------------------------------------------------------------

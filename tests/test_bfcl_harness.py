@@ -109,6 +109,40 @@ class _Replay:
             "input_tokens": 1, "output_tokens": 7, "total_tokens": 8}, response_metadata={"latency_s": 0.5})
 
 
+def test_parallel_categories_ask_for_a_list_of_calls() -> None:
+    question, _ = load_category("parallel", limit=1, seed=0)[0]
+    several = build_messages(question, several_calls=True)[0].content
+    one = build_messages(question)[0].content
+    assert "JSON list of calls and nothing else" in several and "one JSON object" not in several
+    assert "one JSON object" in one and "JSON list of calls and nothing else" not in one
+    assert several.split("\n")[1:-3] == one.split("\n")[1:-3]  # the same functions either way
+
+
+def test_evaluate_category_uses_the_list_prompt_in_parallel_categories() -> None:
+    stub = _Replay("parallel")
+    stub.seen_prompts = []
+    invoke = stub.invoke
+
+    def recording(messages, **options):
+        stub.seen_prompts.append(messages[0].content)
+        return invoke(messages, **options)
+
+    stub.invoke = recording
+    result = evaluate_category(stub, "parallel", limit=2, seed=0, constrained=False)
+    assert result.accuracy == 1.0
+    assert all("JSON list of calls and nothing else" in prompt for prompt in stub.seen_prompts)
+
+
+def test_evaluate_category_skips_questions_already_done() -> None:
+    stub = _Replay("simple_python")
+    first = evaluate_category(stub, "simple_python", limit=2, seed=0, constrained=False)
+    earlier = {r.id: r.model_copy(update={"raw": "from an earlier run"}) for r in first.records}
+    asked = len(stub.seen)
+    result = evaluate_category(stub, "simple_python", limit=3, seed=0, constrained=False, done=earlier)
+    assert len(stub.seen) == asked + 1  # only the question not scored before
+    assert [r.raw for r in result.records].count("from an earlier run") == 2 and result.n == 3
+
+
 def test_evaluate_category_aggregates_unconstrained() -> None:
     stub = _Replay("simple_python")
     result = evaluate_category(stub, "simple_python", limit=4, seed=1, constrained=False)
@@ -185,3 +219,34 @@ def test_cli_eval_bfcl_rejects_unknown_category_before_loading_a_model(tmp_path:
                                       "--model", "hf:/nonexistent"])
     assert result.exit_code != 0
     assert "no_such_category" in str(result.exception or result.output)
+
+
+def test_cli_eval_bfcl_resume_keeps_earlier_questions_and_refuses_other_settings(
+    smol_chat: LocalChatModel, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from selftune.cli import app
+
+    monkeypatch.setenv("SELFTUNE_MODEL_CACHE", str(model_cache))
+    out = tmp_path / "bfcl.json"
+    base = ["eval", "bfcl", "--model", SMOL, "--out", str(out)]
+    assert CliRunner().invoke(app, base + ["--category", "irrelevance", "--category", "simple_python",
+                                           "--limit", "1"]).exit_code == 0
+    first = BfclRun.model_validate_json(out.read_text())
+    marked = first.model_copy(deep=True)
+    marked.results[1].records[0].raw = "kept from the first run"
+    out.write_text(marked.model_dump_json())
+
+    result = CliRunner().invoke(app, base + ["--category", "simple_python", "--limit", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    resumed = BfclRun.model_validate_json(out.read_text())
+    assert [r.category for r in resumed.results] == ["irrelevance", "simple_python"]  # irrelevance kept as it was
+    assert resumed.results[0] == first.results[0]
+    records = resumed.results[1].records
+    assert len(records) == 2 and [r.raw for r in records].count("kept from the first run") == 1
+
+    refused = CliRunner().invoke(app, base + ["--category", "simple_python", "--limit", "2", "--resume",
+                                              "--unconstrained"])
+    assert refused.exit_code != 0 and "constrained=True" in refused.output
+    assert BfclRun.model_validate_json(out.read_text()) == resumed  # nothing lost

@@ -3,16 +3,18 @@
 Prompt: one system message that lists the question's functions (one JSON line each, in the
 format :func:`selftune.agent.prompts.tool_signature` gives the agent's tools) and asks for
 ``{"tool": "<name>", "arguments": {...}}``, the no-call answer ``{"tool": "none", ...}``, or a
-JSON list of calls; then BFCL's own messages (a leading BFCL system message is appended to
-ours). Generation is greedy with no assistant prefix, so an unconstrained model may answer
-with a list. With ``constrained=True`` the reply is grammar-constrained to a call of the
-question's tools or the no-call answer; in the parallel categories the grammar also admits a
-JSON list of up to :data:`PARALLEL_MAX_CALLS` calls.
+JSON list of calls (in the parallel categories: a JSON list of calls, one per thing asked for);
+then BFCL's own messages (a leading BFCL system message is appended to ours). Generation is
+greedy with no assistant prefix, so an unconstrained model may answer with a list. With
+``constrained=True`` the reply is grammar-constrained to a call of the question's tools or the
+no-call answer; in the parallel categories the grammar also admits a JSON list of up to
+:data:`PARALLEL_MAX_CALLS` calls.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from statistics import fmean
 from typing import Any
 
@@ -41,9 +43,13 @@ DEFAULT_MAX_NEW_TOKENS = 256
 _INSTRUCTIONS = f"""You are a function-calling assistant. You can call these functions:
 {{functions}}
 
-Reply with one JSON object and nothing else: {{{{"tool": "<name>", "arguments": {{{{...}}}}}}}}.
-If the request needs several calls, reply with a JSON list of such objects.
+{{reply_format}}
 If no function fits the request, reply {{{{"tool": "{NO_CALL_TOOL}", "arguments": {{{{"reason": "..."}}}}}}}}."""
+_ONE_CALL = """Reply with one JSON object and nothing else: {"tool": "<name>", "arguments": {...}}.
+If the request needs several calls, reply with a JSON list of such objects."""
+# Parallel categories: without this, both models write one call where several are asked for.
+_SEVERAL_CALLS = """Reply with a JSON list of calls and nothing else: [{"tool": "<name>", "arguments": {...}}, ...].
+Make one call for each thing the request asks for."""
 
 
 class QuestionRecord(BaseModel):
@@ -80,13 +86,22 @@ class BfclRun(BaseModel):
     results: list[CategoryResult]
 
 
-def system_prompt(tools: list[dict[str, Any]]) -> str:
-    return _INSTRUCTIONS.format(functions="\n".join(tool_signature(tool) for tool in tools))
+def system_prompt(tools: list[dict[str, Any]], several_calls: bool = False) -> str:
+    """The instructions with ``tools`` listed; ``several_calls`` asks for a list of calls."""
+    return _INSTRUCTIONS.format(
+        functions="\n".join(tool_signature(tool) for tool in tools),
+        reply_format=_SEVERAL_CALLS if several_calls else _ONE_CALL,
+    )
 
 
-def build_messages(question: BfclQuestion) -> list[BaseMessage]:
+def expects_several_calls(category: str) -> bool:
+    """BFCL's parallel categories ask for several calls in one reply."""
+    return "parallel" in category
+
+
+def build_messages(question: BfclQuestion, several_calls: bool = False) -> list[BaseMessage]:
     """Our system message, then BFCL's messages (a leading BFCL system message joins ours)."""
-    system = system_prompt(question.tools())
+    system = system_prompt(question.tools(), several_calls)
     rest = list(question.messages)
     if rest and rest[0].role == "system":
         system += "\n\n" + rest.pop(0).content
@@ -126,19 +141,25 @@ def evaluate_category(
     seed: int = 0,
     constrained: bool = True,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    done: Mapping[str, QuestionRecord] | None = None,
 ) -> CategoryResult:
     """Run ``chat`` greedily on ``limit`` questions of ``category`` and score them. ``constrained``
     offers the question's functions as tools (grammar on the local backend, native tool calling
-    on a server); without it the model sees them only in the prompt."""
+    on a server); without it the model sees them only in the prompt. ``done``: records of an
+    earlier run with the same settings, by question id; those questions are not asked again."""
     records: list[QuestionRecord] = []
+    several_calls = expects_several_calls(category)
     for question, answer in load_category(category, limit=limit, seed=seed):
+        if done and question.id in done:
+            records.append(done[question.id])
+            continue
         options: dict[str, Any] = {}
         if constrained:
-            # Parallel categories expect several calls: let the grammar admit a list of them.
-            max_calls = PARALLEL_MAX_CALLS if "parallel" in category else 1
+            max_calls = PARALLEL_MAX_CALLS if several_calls else 1
             options.update(tools=question.tools(), allow_no_call=True, max_calls=max_calls)
         start = time.perf_counter()
-        reply = generate(chat, build_messages(question), max_tokens=max_new_tokens, temperature=0.0, **options)
+        messages = build_messages(question, several_calls)
+        reply = generate(chat, messages, max_tokens=max_new_tokens, temperature=0.0, **options)
         wall = time.perf_counter() - start
         text = reply.content if isinstance(reply.content, str) else str(reply.content)
         parsed, calls, result = score_reply(question, answer, text)
