@@ -61,4 +61,6 @@ def build_chat_model(settings: ModelSettings, cache_dir: Path) -> BaseChatModel:
         temperature=settings.temperature,
         threads=settings.threads,
         prefix_cache_entries=settings.prefix_cache_entries,
+        jump_forward=settings.jump_forward,
+        lookup_tokens=settings.lookup_tokens,
     )

@@ -874,6 +874,28 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         self.mask_seconds += time.perf_counter() - start
         return scores
 
+    # -- drafting ---------------------------------------------------------------------------
+
+    def forced_after(self, token: int, row: int = 0) -> list[int]:
+        """Tokens spelling what the grammar forces once ``token`` (chosen, not yet seen by this
+        processor) is accepted: a guess of the next tokens for speculative decoding. Empty
+        when nothing is forced, ``token`` ends the reply, or the reply is being closed."""
+        if not self.rows or token in self.stop_token_ids:
+            return []
+        state = self.rows[row]
+        if state.failed or state.plan or state.matcher.is_terminated():
+            return []
+        branch = state.matcher.fork()
+        if not branch.accept_token(token):
+            return []
+        forced = branch.find_jump_forward_string()
+        if not forced:
+            return []
+        data = forced.encode()
+        # The longest spelling first; its last token may still merge with what follows.
+        tokens = self._tokenize_completion(branch, data)
+        return tokens or []
+
     # -- after generation -------------------------------------------------------------------
 
     def completion(self, new_tokens: Sequence[int] | torch.Tensor, row: int = 0) -> str:

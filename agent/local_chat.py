@@ -19,6 +19,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from selftune.agent.constrained import grammar_cache, openai_functions
 from selftune.agent.prefix_cache import PrefixCache
+from selftune.agent.speculative import greedy_decode
 
 __all__ = ["LocalChatModel"]
 
@@ -79,6 +80,10 @@ class LocalChatModel(BaseChatModel):
     temperature: float = Field(0.0, ge=0.0)
     threads: int | None = Field(None, ge=1)
     prefix_cache_entries: int = Field(4, ge=0)  # 0 turns prefix KV-cache reuse off
+    # Greedy tool calls: draft grammar-forced tokens / up to this many prompt-lookup tokens
+    # and verify them in one forward pass (same output, fewer passes; see agent/speculative.py).
+    jump_forward: bool = True
+    lookup_tokens: int = Field(0, ge=0)
 
     _active: Any = PrivateAttr(None)  # the base model or a PeftModel wrapping it
     _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
@@ -186,9 +191,16 @@ class LocalChatModel(BaseChatModel):
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
             cache = self._prefix_cache.take(encoded["input_ids"][0]) if self._reuses_prefixes() else None
-            if cache is not None:
-                options["cache"] = cache
-            output = self._active.generate(**encoded, **options)
+            if processor is not None and temperature == 0 and self._drafts():
+                output, stats = greedy_decode(
+                    self._active, encoded["input_ids"], processor, max_new_tokens, self._eos_ids(), cache,
+                    jump_forward=self.jump_forward, lookup_tokens=self.lookup_tokens)
+                forward_passes = stats.forward_passes
+            else:
+                if cache is not None:
+                    options["cache"] = cache
+                output = self._active.generate(**encoded, **options)
+                forward_passes = output.shape[1] - encoded["input_ids"].shape[1]
             if cache is not None:
                 self._prefix_cache.put(output[0], cache)
             latency = time.perf_counter() - start
@@ -210,18 +222,25 @@ class LocalChatModel(BaseChatModel):
                 "model_id": self.model_id,
                 "adapter_version": adapter_version,
                 "latency_s": round(latency, 4),
+                "forward_passes": forward_passes,
                 "finish_reason": "stop" if ended or n_out < max_new_tokens else "length",
             },
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
+    def _prompt_learning(self) -> bool:
+        # Prompt tuning puts virtual tokens in front of every prompt: caches do not line up with it.
+        return isinstance(self._active, PeftModel) and self._active.active_peft_config.is_prompt_learning
+
     def _reuses_prefixes(self) -> bool:
-        # Prompt tuning puts virtual tokens in front of every prompt: its caches do not line up.
-        active = self._active
-        return self.prefix_cache_entries > 0 and not (
-            isinstance(active, PeftModel) and active.active_peft_config.is_prompt_learning)
+        return self.prefix_cache_entries > 0 and not self._prompt_learning()
+
+    def _drafts(self) -> bool:
+        return (self.jump_forward or self.lookup_tokens > 0) and not self._prompt_learning()
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
 
     def _ended_with_eos(self, tokens: torch.Tensor) -> bool:
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        return tokens.numel() > 0 and int(tokens[-1]) in eos_ids
+        return tokens.numel() > 0 and int(tokens[-1]) in self._eos_ids()

@@ -1,0 +1,127 @@
+"""Speculative greedy decoding (agent/speculative.py): jump-forward and prompt-lookup drafts give
+token for token what plain constrained greedy ``generate`` gives, with fewer forward passes.
+
+Real SmolLM2 in float32 (in bfloat16 a pass over several tokens rounds differently from one
+token at a time; ``selftune bench inference`` reports agreement there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+
+from selftune.agent.constrained import ToolCallLogitsProcessor, grammar_cache, openai_functions
+from selftune.agent.generation import generate
+from selftune.agent.local_chat import LocalChatModel
+from selftune.agent.models import load_causal_lm
+from selftune.agent.speculative import greedy_decode, lookup_draft
+from selftune.bfcl import load_category
+from selftune.bfcl.harness import build_messages
+
+SMOL = "smollm2-135m-instruct"
+# (category, index in the seeded sample, token budget): a budget of 20 makes the grammar close the reply early.
+CASES = [("simple_python", 0, 128), ("simple_python", 1, 20), ("parallel", 0, 128), ("irrelevance", 0, 96)]
+
+
+@pytest.fixture(scope="module")
+def weights(model_cache: Path):
+    return load_causal_lm(SMOL, model_cache, "float32")
+
+
+def _case(weights, category: str, index: int):
+    model, tokenizer = weights
+    question, _ = load_category(category, limit=index + 1, seed=0)[index]
+    several = category == "parallel"
+    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL)
+    prompt = chat.render_prompt(build_messages(question, several_calls=several))
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return ids, openai_functions(question.tools()), (8 if several else 1)
+
+
+def _processor(weights, functions, max_calls: int, budget: int) -> ToolCallLogitsProcessor:
+    model, tokenizer = weights
+    return grammar_cache(tokenizer, model.config.vocab_size).processor(
+        functions, max_new_tokens=budget, allow_no_call=True, max_calls=max_calls,
+        stop_token_ids=model.generation_config.eos_token_id)
+
+
+def _plain_greedy(weights, ids, functions, max_calls: int, budget: int) -> list[int]:
+    model, tokenizer = weights
+    with torch.inference_mode():
+        out = model.generate(
+            ids, logits_processor=LogitsProcessorList([_processor(weights, functions, max_calls, budget)]),
+            max_new_tokens=budget, do_sample=False, temperature=None, top_p=None, top_k=None,
+            pad_token_id=tokenizer.pad_token_id)
+    return out[0].tolist()
+
+
+def _eos(weights) -> set[int]:
+    return {weights[0].generation_config.eos_token_id}
+
+
+@pytest.mark.parametrize("lookup_tokens", [0, 8])
+def test_drafted_decoding_gives_the_plain_greedy_tokens_in_fewer_passes(weights, lookup_tokens: int) -> None:
+    model, _ = weights
+    for category, index, budget in CASES:
+        ids, functions, max_calls = _case(weights, category, index)
+        expected = _plain_greedy(weights, ids, functions, max_calls, budget)
+        with torch.inference_mode():
+            got, stats = greedy_decode(model, ids, _processor(weights, functions, max_calls, budget), budget,
+                                       _eos(weights), jump_forward=True, lookup_tokens=lookup_tokens)
+        assert got[0].tolist() == expected, (category, index, budget)
+        generated = len(expected) - ids.shape[1]
+        assert stats.accepted_tokens > 0 and stats.forward_passes <= generated - stats.accepted_tokens + 1
+        assert stats.accepted_tokens <= stats.drafted_tokens
+
+
+def test_without_drafts_it_is_one_pass_per_token(weights) -> None:
+    model, _ = weights
+    ids, functions, max_calls = _case(weights, "simple_python", 0)
+    expected = _plain_greedy(weights, ids, functions, max_calls, 64)
+    with torch.inference_mode():
+        got, stats = greedy_decode(model, ids, _processor(weights, functions, max_calls, 64), 64, _eos(weights),
+                                   jump_forward=False)
+    assert got[0].tolist() == expected
+    assert stats.drafted_tokens == 0 and stats.forward_passes == len(expected) - ids.shape[1]
+
+
+def test_a_cached_prompt_prefix_gives_the_same_tokens_and_leaves_the_cache_like_generate(weights) -> None:
+    model, _ = weights
+    ids, functions, max_calls = _case(weights, "simple_python", 0)
+    expected = _plain_greedy(weights, ids, functions, max_calls, 96)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=ids[:, :-7], cache=cache, use_cache=True)  # a prefix-cache hit for all but 7 tokens
+        got, _ = greedy_decode(model, ids, _processor(weights, functions, max_calls, 96), 96, _eos(weights), cache)
+    assert got[0].tolist() == expected
+    assert cache.get_seq_length() == len(expected) - 1  # every token but the last, as after generate
+
+    with pytest.raises(ValueError, match="proper prefix"):
+        greedy_decode(model, ids[:, :5], _processor(weights, functions, max_calls, 8), 8, _eos(weights), cache)
+
+
+def test_local_chat_model_drafts_only_where_asked_and_says_how_many_passes(weights) -> None:
+    model, tokenizer = weights
+    question, _ = load_category("multiple", limit=1, seed=0)[0]
+    replies = {}
+    for name, options in {"plain": {"jump_forward": False}, "jump": {}, "lookup": {"lookup_tokens": 8}}.items():
+        chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0, **options)
+        replies[name] = generate(chat, build_messages(question), max_tokens=96, temperature=0.0,
+                                 tools=question.tools(), allow_no_call=True)
+    assert replies["jump"].content == replies["plain"].content == replies["lookup"].content
+    tokens = replies["plain"].usage_metadata["output_tokens"]
+    passes = {name: reply.response_metadata["forward_passes"] for name, reply in replies.items()}
+    assert passes["plain"] == tokens and passes["lookup"] <= passes["jump"] < tokens
+
+
+def test_lookup_draft_copies_what_followed_the_last_ngram_before() -> None:
+    ids = [5, 1, 2, 3, 9, 8, 7, 4, 1, 2, 3]
+    assert lookup_draft(ids, ngram=3, limit=2) == [9, 8]
+    assert lookup_draft(ids, ngram=3, limit=50) == [9, 8, 7, 4, 1, 2, 3]
+    assert lookup_draft([1, 2, 3, 1, 2, 3, 1, 2, 3], ngram=3, limit=4) == [1, 2, 3]  # the latest occurrence
+    assert lookup_draft(ids, ngram=3, limit=0) == []
+    assert lookup_draft([4, 5, 6, 7], ngram=2, limit=3) == []  # never seen before
+    assert lookup_draft([1, 2], ngram=3, limit=3) == []
