@@ -505,7 +505,7 @@ def bench_inference(
     steps: Annotated[int, typer.Option(min=1, help="Recorded agent calls to replay.")] = 20,
     as_json: JsonFlag = False,
 ) -> None:
-    """Agent step on the local model: prefix-cached step against naive full-prompt generate."""
+    """Agent step on the local model: naive full-prompt generate against prefix caching and drafted decoding."""
     from selftune.bench.inference import run_inference_bench
 
     _print_bench(run_inference_bench(_settings(model), steps=steps), as_json)

@@ -39,3 +39,9 @@ def test_bench_inference_replays_recorded_steps(model_cache: Path, monkeypatch: 
     assert result["steps"] == 4 and len(result["rows"]) == 4
     assert result["rows"][0]["kind"] == "text" and result["rows"][1]["kind"] == "tool call"  # plan, then an action
     assert result["prompt_tokens_reused"] > 0 and result["decode_tokens_per_s"] > 0
+    variants = result["variants"]
+    assert set(variants) == {"naive", "prefix_cache", "jump_forward", "lookup"}
+    assert variants["naive"]["forward_passes"] == variants["prefix_cache"]["forward_passes"]
+    assert variants["jump_forward"]["forward_passes"] < variants["naive"]["forward_passes"]  # forced tokens: no pass each
+    assert result["selftune_variant"] == "jump_forward" and result["speedup"] == variants["jump_forward"]["speedup"]
+    assert all(set(row["same_output"]) == {"prefix_cache", "jump_forward", "lookup"} for row in result["rows"])

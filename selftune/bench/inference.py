@@ -2,11 +2,18 @@
 
 First the agent runs a fixed list of goals (greedy, real tools) and every model call it makes is
 recorded: messages and generation arguments (plan calls, and grammar-constrained tool calls).
-The first ``steps`` calls are then replayed in order, alternating two models over the same
-weights: ``selftune`` (prefix KV-cache reuse on) and ``naive`` (``prefix_cache_entries=0``:
-``transformers`` ``generate`` prefilling the whole prompt each call, with the same grammar, dtype
-and greedy decoding). Decode speed is measured apart: 64 free tokens after a short prompt, minus
-that prompt's one-token call.
+The first ``steps`` calls are then replayed in order, each call on every variant in turn, all
+over the same weights, dtype and grammar:
+
+* ``naive``: ``transformers`` ``generate`` prefilling the whole prompt, one forward pass per token;
+* ``prefix_cache``: prefix KV-cache reuse only;
+* ``jump_forward``: plus grammar-forced tokens verified in one pass (agent/speculative.py);
+* ``lookup``: plus up to 8 prompt-lookup tokens per pass.
+
+``selftune`` names the variant the settings select (``model.jump_forward``, ``model.lookup_tokens``).
+Decode speed is measured apart: 64 free tokens after a short prompt, minus that prompt's one-token
+call; where ``llama-cpp-python`` is installed (it is not a dependency), the same GGUF runs on
+llama.cpp with the same thread count as the CPU reference.
 """
 
 from __future__ import annotations
@@ -86,44 +93,117 @@ def _decode_tokens_per_s(chat: LocalChatModel, tokens: int = 64) -> float:
     return (tokens - 1) / (many - one)
 
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "naive": {"prefix_cache": False, "jump_forward": False, "lookup_tokens": 0},
+    "prefix_cache": {"prefix_cache": True, "jump_forward": False, "lookup_tokens": 0},
+    "jump_forward": {"prefix_cache": True, "jump_forward": True, "lookup_tokens": 0},
+    "lookup": {"prefix_cache": True, "jump_forward": True, "lookup_tokens": 8},
+}
+
+
+def _selected_variant(settings: Settings) -> str:
+    model = settings.model
+    if not model.jump_forward:
+        return "prefix_cache"
+    return "lookup" if model.lookup_tokens else "jump_forward"
+
+
+def _llama_cpp_decode_tokens_per_s(settings: Settings, threads: int, tokens: int = 64) -> dict[str, Any]:
+    """llama.cpp's decode speed on the model's own GGUF file, measured like :func:`_decode_tokens_per_s`."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"available": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    from selftune.agent.models import assemble_chunks, get_spec
+
+    spec = get_spec(settings.model.name)
+    if spec.source not in ("gguf_file", "gguf_chunks"):
+        return {"available": False, "reason": f"{spec.name} has no GGUF file"}
+    with tempfile.TemporaryDirectory(prefix="selftune-bench-gguf-") as tmp:
+        files = [weight.locate() for weight in spec.files]
+        gguf = files[0] if spec.source == "gguf_file" else assemble_chunks(files, Path(tmp) / "model.gguf", spec.sha256)
+        llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=512, verbose=False)
+        prompt = llm.tokenize(b"Count from one to one hundred in words, separated by commas.")
+
+        def timed(new_tokens: int) -> float:
+            llm.reset()
+            start = time.perf_counter()
+            for count, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), start=1):
+                if count >= new_tokens:
+                    break
+            return time.perf_counter() - start
+
+        timed(2)
+        one = statistics.median(timed(1) for _ in range(3))
+        many = statistics.median(timed(tokens) for _ in range(2))
+    return {"available": True, "gguf": gguf.name, "decode_tokens_per_s": round((tokens - 1) / (many - one), 2)}
+
+
 def run_inference_bench(settings: Settings, steps: int = 20) -> dict[str, Any]:
-    """Replay ``steps`` recorded agent calls on both paths and return timings, ratios and agreement."""
+    """Replay ``steps`` recorded agent calls on every variant and return timings, ratios and agreement."""
     model, tokenizer = load_causal_lm(settings.model.name, settings.model_cache, settings.model.dtype)
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
     calls = _record_steps(model, tokenizer, settings, steps)
-    common = {"model": model, "tokenizer": tokenizer, "model_id": settings.model.name}
-    fast = LocalChatModel(prefix_cache_entries=settings.model.prefix_cache_entries or 4, **common)
-    naive = LocalChatModel(prefix_cache_entries=0, **common)
+    entries = settings.model.prefix_cache_entries or 4
+    chats = {
+        name: LocalChatModel(model=model, tokenizer=tokenizer, model_id=settings.model.name,
+                             prefix_cache_entries=entries if variant["prefix_cache"] else 0,
+                             jump_forward=variant["jump_forward"], lookup_tokens=variant["lookup_tokens"])
+        for name, variant in VARIANTS.items()
+    }
     rows = []
     for messages, options in calls:
-        timings, outputs, prompt_tokens, output_tokens = {}, {}, 0, 0
-        for name, chat in (("naive", naive), ("selftune", fast)):
+        row: dict[str, Any] = {"kind": "tool call" if options.get("tools") else "text"}
+        outputs = {}
+        for name, chat in chats.items():
             start = time.perf_counter()
             reply = chat.invoke(messages, **{k: v for k, v in options.items() if v is not None})
-            timings[name] = time.perf_counter() - start
+            row[f"{name}_s"] = round(time.perf_counter() - start, 4)
+            row[f"{name}_passes"] = reply.response_metadata["forward_passes"]
             outputs[name] = str(reply.content)
-            prompt_tokens = reply.usage_metadata["input_tokens"]
-            output_tokens = reply.usage_metadata["output_tokens"]
-        rows.append({"kind": "tool call" if options.get("tools") else "text", "prompt_tokens": prompt_tokens,
-                     "output_tokens": output_tokens, "naive_s": round(timings["naive"], 4),
-                     "selftune_s": round(timings["selftune"], 4), "same_output": outputs["naive"] == outputs["selftune"]})
-    naive_total = sum(row["naive_s"] for row in rows)
-    fast_total = sum(row["selftune_s"] for row in rows)
-    stats = fast.prefix_cache.stats
+            row["prompt_tokens"] = reply.usage_metadata["input_tokens"]
+            row["output_tokens"] = reply.usage_metadata["output_tokens"]
+        row["same_output"] = {name: outputs[name] == outputs["naive"] for name in chats if name != "naive"}
+        rows.append(row)
+
+    def summary(name: str) -> dict[str, Any]:
+        total = sum(row[f"{name}_s"] for row in rows)
+        naive_total = sum(row["naive_s"] for row in rows)
+        calls_ = [row for row in rows if row["kind"] == "tool call"]
+        return {
+            "s_total": round(total, 3),
+            "speedup": round(naive_total / total, 2),
+            "speedup_median_step": round(statistics.median(r["naive_s"] / r[f"{name}_s"] for r in rows), 2),
+            "speedup_median_tool_call": round(statistics.median(r["naive_s"] / r[f"{name}_s"] for r in calls_), 2)
+            if calls_ else None,
+            "forward_passes": sum(row[f"{name}_passes"] for row in rows),
+            "same_outputs": "-" if name == "naive" else f"{sum(r['same_output'][name] for r in rows)}/{len(rows)}",
+        }
+
+    variants = {name: summary(name) for name in chats}
+    selected = _selected_variant(settings)
+    stats = chats[selected].prefix_cache.stats
+    decode = _decode_tokens_per_s(chats["naive"])
+    llama_cpp = _llama_cpp_decode_tokens_per_s(settings, torch.get_num_threads())
     return {
         "benchmark": "inference",
         "model": settings.model.name,
         "dtype": settings.model.dtype,
         "torch_threads": torch.get_num_threads(),
         "steps": len(rows),
-        "naive_s_total": round(naive_total, 3),
-        "selftune_s_total": round(fast_total, 3),
-        "speedup": round(naive_total / fast_total, 2),
-        "speedup_median_step": round(statistics.median(r["naive_s"] / r["selftune_s"] for r in rows), 2),
-        "same_outputs": f"{sum(r['same_output'] for r in rows)}/{len(rows)}",
+        "output_tokens": sum(row["output_tokens"] for row in rows),
+        "selftune_variant": selected,
+        "naive_s_total": variants["naive"]["s_total"],
+        "selftune_s_total": variants[selected]["s_total"],
+        "speedup": variants[selected]["speedup"],
+        "speedup_median_step": variants[selected]["speedup_median_step"],
+        "same_outputs": variants[selected]["same_outputs"],
+        "variants": variants,
         "prompt_tokens_reused": stats.reused_tokens,
         "prompt_tokens_prefilled": stats.prefilled_tokens,
-        "decode_tokens_per_s": round(_decode_tokens_per_s(naive), 2),
+        "decode_tokens_per_s": round(decode, 2),
+        "llama_cpp": llama_cpp,
+        "decode_vs_llama_cpp": round(llama_cpp["decode_tokens_per_s"] / decode, 2) if llama_cpp["available"] else None,
         "rows": rows,
     }
