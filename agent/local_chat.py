@@ -83,7 +83,7 @@ class LocalChatModel(BaseChatModel):
     # Greedy tool calls: draft grammar-forced tokens / up to this many prompt-lookup tokens
     # and verify them in one forward pass (same output, fewer passes; see agent/speculative.py).
     jump_forward: bool = True
-    lookup_tokens: int = Field(0, ge=0)
+    lookup_tokens: int = Field(8, ge=0)
 
     _active: Any = PrivateAttr(None)  # the base model or a PeftModel wrapping it
     _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)

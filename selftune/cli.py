@@ -446,14 +446,14 @@ def eval_bfcl(
             raise typer.BadParameter(str(error), param_hint="--adapter") from None
     run = BfclRun(model=settings.model.name, limit=limit, seed=seed, constrained=not unconstrained, results=[])
     done: dict[str, dict] = {}
-    if earlier is not None:  # categories not asked for now stay in the file as they were
-        run.results = [result for result in earlier.results if result.category not in category]
+    if earlier is not None:  # earlier categories stay in the file until this run replaces them
+        run.results = list(earlier.results)
         done = {result.category: {record.id: record for record in result.records} for result in earlier.results}
     table = Table("category", "n", "accuracy", "parse rate", "mean latency (s)", "mean tokens")
     for name in category:
         result = evaluate_category(chat, name, limit=limit, seed=seed, constrained=not unconstrained,
                                    done=done.get(name))
-        run.results.append(result)
+        run.results = [kept for kept in run.results if kept.category != name] + [result]
         table.add_row(result.category, str(result.n), f"{result.accuracy:.3f}", f"{result.parse_rate:.3f}",
                       f"{result.mean_latency_s:.2f}", f"{result.mean_output_tokens:.1f}")
         if out is not None:  # written after every category, so a long run keeps what it finished

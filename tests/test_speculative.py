@@ -107,7 +107,8 @@ def test_local_chat_model_drafts_only_where_asked_and_says_how_many_passes(weigh
     model, tokenizer = weights
     question, _ = load_category("multiple", limit=1, seed=0)[0]
     replies = {}
-    for name, options in {"plain": {"jump_forward": False}, "jump": {}, "lookup": {"lookup_tokens": 8}}.items():
+    for name, options in {"plain": {"jump_forward": False, "lookup_tokens": 0}, "jump": {"lookup_tokens": 0},
+                          "lookup": {"lookup_tokens": 8}}.items():
         chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0, **options)
         replies[name] = generate(chat, build_messages(question), max_tokens=96, temperature=0.0,
                                  tools=question.tools(), allow_no_call=True)
