@@ -362,15 +362,27 @@ def adapters_list() -> None:
         table.add_row("*" if entry.version == active else "", entry.version, entry.status, entry.method,
                       entry.created_at.strftime("%Y-%m-%d %H:%M"), metrics)
     console.print(table)
-    console.print(f"active: {active or 'base'}")
+    best, latest = registry.best(), registry.latest()
+    console.print(f"active: {active or 'base'}; best: {best.version if best else '-'}; "
+                  f"latest: {latest.version if latest else '-'}")
 
 
 @adapters_app.command("use")
-def adapters_use(version: Annotated[str, typer.Argument(help="A promoted version, or 'base'.")]) -> None:
+def adapters_use(
+    version: Annotated[str, typer.Argument(help="A promoted version, 'best', 'latest', or 'base'.")],
+) -> None:
     """Activate a version (or the base weights)."""
-    target = None if version == "base" else version
-    _runtime().adapters.use(target, reason="selftune adapters use")
-    console.print(f"active: {version}")
+    registry = _runtime().adapters
+    target: str | None = version
+    if version == "base":
+        target = None
+    elif version in ("best", "latest"):
+        entry = registry.best() if version == "best" else registry.latest()
+        if entry is None:
+            raise typer.BadParameter(f"no promoted version to be {version!r}", param_hint="VERSION")
+        target = entry.version
+    registry.use(target, reason=f"selftune adapters use {version}")
+    console.print(f"active: {target or 'base'}")
 
 
 @adapters_app.command("rollback")

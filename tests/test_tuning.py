@@ -389,6 +389,26 @@ def test_registry_promote_reject_use_rollback(tmp_path):
     assert history[-1].reason == "rollback"
 
 
+def test_registry_best_and_latest_are_promoted_versions(tmp_path):
+    registry = AdapterRegistry(tmp_path)
+    assert registry.best() is None and registry.latest() is None
+    versions = []
+    for score in (0.5, 0.75, 0.75, 0.25, 0.9):
+        version, path = registry.allocate()
+        path.mkdir()
+        registry.register(AdapterVersion(version=version, method="lora", base_model="smol", path=path,
+                                         metrics={"heldout_after": score}))
+        versions.append(version)
+    registry.promote(versions[0], "r1")
+    registry.promote(versions[1], "r2")
+    registry.promote(versions[2], "r3")
+    registry.promote(versions[3], "r4")
+    registry.reject(versions[4], "regression")  # the highest score, but rejected
+    assert registry.best().version == versions[2]  # 0.75 twice: the newer one
+    assert registry.latest().version == versions[3]
+    assert registry.best("no_such_metric") is None
+
+
 def test_registry_write_is_atomic(tmp_path, monkeypatch):
     registry = AdapterRegistry(tmp_path)
     version = _add(registry)
@@ -515,3 +535,28 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(model, tokenizer)
         peft_model.zero_grad(set_to_none=True)
         _release(peft_model)
         model.eval()
+
+
+def test_cli_adapters_use_best_latest_and_base(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from selftune.cli import app
+
+    monkeypatch.setenv("SELFTUNE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SELFTUNE_MODEL__NAME", "smollm2-135m-instruct")
+    registry = AdapterRegistry(tmp_path / "adapters" / "smollm2-135m-instruct")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["adapters", "use", "best"])
+    assert refused.exit_code != 0 and "no promoted version" in refused.output
+    for score in (0.8, 0.6):
+        version, path = registry.allocate()
+        path.mkdir(parents=True)
+        registry.register(AdapterVersion(version=version, method="lora", base_model="smol", path=path,
+                                         metrics={"heldout_after": score}))
+        registry.promote(version, "test")
+    assert runner.invoke(app, ["adapters", "use", "best"]).exit_code == 0
+    assert registry.active_version() == "v0001"
+    listing = runner.invoke(app, ["adapters", "list"])
+    assert "best: v0001" in listing.output and "latest: v0002" in listing.output
+    assert runner.invoke(app, ["adapters", "use", "latest"]).exit_code == 0 and registry.active_version() == "v0002"
+    assert runner.invoke(app, ["adapters", "use", "base"]).exit_code == 0 and registry.active_version() is None

@@ -9,7 +9,8 @@ not parse raises :class:`RegistryError`; it is never silently reset.
 
 Lifecycle: ``allocate`` → train into the path → ``register`` (candidate) →
 ``promote`` (activates it) or ``reject`` (final: it can never be used).
-``rollback`` undoes activations one at a time, skipping versions rejected since.
+``rollback`` undoes activations one at a time, skipping versions rejected since;
+``best`` and ``latest`` name the promoted versions to return to by score or by age.
 """
 
 from __future__ import annotations
@@ -148,6 +149,16 @@ class AdapterRegistry:
 
     def history(self) -> list[Activation]:
         return self._read().history
+
+    def latest(self) -> AdapterVersion | None:
+        """The newest promoted version (what the last successful round produced)."""
+        promoted = [entry for entry in self.list() if entry.status == "promoted"]
+        return promoted[-1] if promoted else None
+
+    def best(self, metric: str = "heldout_after") -> AdapterVersion | None:
+        """The promoted version with the highest ``metric`` (newest on ties); None when none has it."""
+        scored = [entry for entry in self.list() if entry.status == "promoted" and metric in entry.metrics]
+        return max(reversed(scored), key=lambda entry: float(entry.metrics[metric]), default=None)
 
     # -- changes -----------------------------------------------------------------
     def allocate(self) -> tuple[str, Path]:
