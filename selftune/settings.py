@@ -141,6 +141,14 @@ class TuningSettings(StrictModel):
     reference_tolerance: float = Field(
         0.05, ge=0.0, description="Largest relative rise of reference cross-entropy a candidate may cause.")
     promote_margin: float = Field(0.0, description="Candidate must beat the active adapter by this much (0 = not worse).")
+    replay_ratio: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of each round's training examples replayed from earlier promoted "
+                                         "training data and the replay file (against forgetting).")
+    replay_general_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Of the replayed examples, the share taken from replay_file.")
+    replay_file: Path | None = Field(
+        PROJECT_ROOT / "configs" / "replay.jsonl",
+        description="General-language and abstention conversations (JSON lines) replayed in every round; None: none.")
     seed: int = 0
 
 

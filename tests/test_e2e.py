@@ -113,6 +113,9 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     assert "data:image/png;base64" in (outcome.report_dir / "report.html").read_text()
     report = json.loads((outcome.report_dir / "report.json").read_text())
     assert report["train"]["losses"] and report["eval_after"]["heldout"]["n"] == 1
+    # Replay: general/abstention conversations mixed in; the registry records the stored episodes trained on.
+    assert report["replay"]["general"] >= 1 and report["replay"]["new"] == report["episodes_selected"]
+    assert sorted(entry.trained_on) == sorted(report["chosen"]) and "Replayed general" in markdown
     # Forgetting is watched on the reference text: both sides measured, and named in the decision.
     assert 0.5 < report["reference_ce_before"] < 10 and report["reference_ce_after"] != report["reference_ce_before"]
     assert "reference cross-entropy" in outcome.reason and "cross-entropy (forgetting)" in markdown

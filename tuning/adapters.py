@@ -48,6 +48,7 @@ class AdapterVersion(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     note: str = ""
     reason: str | None = None  # why the current status was set
+    trained_on: list[str] = Field(default_factory=list)  # ids of the stored episodes it was trained on
     path: Path
 
 

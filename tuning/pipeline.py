@@ -1,6 +1,7 @@
 """One self-tuning round: select -> build data -> train -> gate -> promote or reject -> report.
 
-The candidate is trained from the base weights on the selected episodes, then the
+The candidate is trained from the base weights on the selected episodes mixed with
+replayed earlier training data and general/abstention conversations (tuning/replay.py), then the
 agent runs the held-out goals with the active adapter and with the candidate, and both
 score a fixed public-domain reference text (cross-entropy: forgetting of general
 language). The candidate is promoted only when its held-out accuracy is at least the
@@ -19,12 +20,13 @@ from pydantic import BaseModel
 
 from selftune.agent.goals import load_goals
 from selftune.agent.local_chat import LocalChatModel
-from selftune.memory.records import utc_now
+from selftune.memory.records import Episode, utc_now
 from selftune.runtime import Runtime
 from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import evaluate_goals
 from selftune.tuning.methods import get_method
+from selftune.tuning.replay import load_replay_file, mix_replay
 from selftune.tuning.report import SuiteResult, TuningReport, write_report
 from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
@@ -86,7 +88,11 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     chat = runtime.model
     if not isinstance(chat, LocalChatModel):
         return finish("skipped", "tuning needs a local model; the configured one is served remotely")
-    examples = build_examples(selection.selected, chat.tokenizer, tuning.max_seq_len)
+    general = load_replay_file(tuning.replay_file) if tuning.replay_file else []
+    episodes, replay = mix_replay(selection.selected, _earlier_training_data(runtime), general,
+                                  tuning.replay_ratio, tuning.replay_general_share, tuning.seed)
+    report.replay = replay
+    examples = build_examples(episodes, chat.tokenizer, tuning.max_seq_len)
     if not examples:
         return finish("skipped", f"every selected episode is longer than max_seq_len={tuning.max_seq_len}")
 
@@ -110,6 +116,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         metrics={"heldout_before": before.accuracy, "heldout_after": after.accuracy,
                  "reference_ce_before": reference_before, "reference_ce_after": reference_after,
                  "train_loss_last": train.losses[-1], "examples": train.examples},
+        trained_on=[episode.id for episode in episodes if episode.origin != "replay"],
     ))
     if decision == "promoted":
         runtime.adapters.promote(version, reason)
@@ -120,6 +127,18 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                   eval_before={"heldout": before}, eval_after={"heldout": after},
                   reference_ce_before=reference_before, reference_ce_after=reference_after,
                   history=_history(runtime))
+
+
+def _earlier_training_data(runtime: Runtime) -> list[Episode]:
+    """Stored episodes that trained a promoted adapter (the replay pool of earlier data)."""
+    ids = dict.fromkeys(i for entry in runtime.adapters.list() if entry.status == "promoted" for i in entry.trained_on)
+    episodes = []
+    for episode_id in ids:
+        try:
+            episodes.append(runtime.store.get(episode_id))
+        except KeyError:  # deleted from the store since: nothing to replay
+            continue
+    return episodes
 
 
 def _history(runtime: Runtime) -> list[tuple[str, float]]:

@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field
 
 from selftune.memory.records import utc_now
+from selftune.tuning.replay import ReplayMix
 from selftune.tuning.trainer import TrainResult
 
 __all__ = [
@@ -66,6 +67,7 @@ class TuningReport(BaseModel):
     previous_version: str | None = None  # active before this run; None = base model
     episodes_considered: int = 0
     episodes_selected: int = 0
+    replay: ReplayMix | None = None  # earlier and general examples mixed in
     scores: list[float] = Field(default_factory=list)  # scores of the episodes considered
     chosen: dict[str, str] = Field(default_factory=dict)  # episode id -> why it was selected
     skipped: dict[str, str] = Field(default_factory=dict)  # episode id -> why it was not selected
