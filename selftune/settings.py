@@ -116,6 +116,22 @@ class RewardSettings(StrictModel):
     )
 
 
+class RegressionSuite(StrictModel):
+    """A BFCL category the gate watches: a candidate may lose at most ``tolerance`` accuracy on it."""
+
+    category: str = Field(description="BFCL category, e.g. irrelevance (abstention) or live_simple.")
+    limit: int = Field(10, ge=1, description="Seeded sample size.")
+    tolerance: float = Field(0.1, ge=0.0, le=1.0, description="Largest accuracy drop allowed (absolute).")
+
+    @field_validator("category")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from selftune.bfcl.data import category_kind  # reads no data; fails naming the valid categories
+
+        category_kind(value)
+        return value
+
+
 class TuningSettings(StrictModel):
     method: Literal["lora", "prompt"] = "lora"
     min_score: float = Field(0.7, ge=0.0, le=1.0, description="Episodes scoring at least this are training candidates.")
@@ -141,6 +157,9 @@ class TuningSettings(StrictModel):
     reference_tolerance: float = Field(
         0.05, ge=0.0, description="Largest relative rise of reference cross-entropy a candidate may cause.")
     promote_margin: float = Field(0.0, description="Candidate must beat the active adapter by this much (0 = not worse).")
+    regression_suites: list[RegressionSuite] = Field(
+        default_factory=lambda: [RegressionSuite(category="irrelevance"), RegressionSuite(category="simple_python")],
+        description="BFCL suites no candidate may regress on (abstention, tool calls never trained on).")
     replay_ratio: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of each round's training examples replayed from earlier promoted "
                                          "training data and the replay file (against forgetting).")

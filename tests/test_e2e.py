@@ -42,7 +42,8 @@ def runtime(tmp_path_factory, model_cache) -> Runtime:
         model={"name": SMOL, "max_new_tokens": 40},
         agent={"max_steps": 2, "plan_max_tokens": 16, "memory_top_k": 2, "max_call_tokens": 48},
         tuning={"max_steps": 2, "batch_size": 2, "max_seq_len": 1536, "heldout_file": heldout,
-                "lora_target_modules": ["q_proj", "v_proj"], "min_score": 0.7},
+                "lora_target_modules": ["q_proj", "v_proj"], "min_score": 0.7,
+                "regression_suites": [{"category": "irrelevance", "limit": 2}]},
     )
     return Runtime(settings)
 
@@ -113,6 +114,9 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     assert "data:image/png;base64" in (outcome.report_dir / "report.html").read_text()
     report = json.loads((outcome.report_dir / "report.json").read_text())
     assert report["train"]["losses"] and report["eval_after"]["heldout"]["n"] == 1
+    # Regression suite (BFCL abstention) measured on both sides and named in the decision.
+    assert report["eval_before"]["bfcl:irrelevance"]["n"] == report["eval_after"]["bfcl:irrelevance"]["n"] == 2
+    assert "bfcl:irrelevance" in outcome.reason and "bfcl:irrelevance_after" in entry.metrics
     # Replay: general/abstention conversations mixed in; the registry records the stored episodes trained on.
     assert report["replay"]["general"] >= 1 and report["replay"]["new"] == report["episodes_selected"]
     assert sorted(entry.trained_on) == sorted(report["chosen"]) and "Replayed general" in markdown

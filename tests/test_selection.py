@@ -74,3 +74,34 @@ def test_gate_promotes_only_with_accuracy_and_without_forgetting() -> None:
     decision, reason = gate(better, before, 0.0, 2.00, 1.90, 0.05)
     assert decision == "rejected" and reason.startswith("held-out accuracy 0.75 -> 0.50")
     assert gate(before, better, 0.5, 2.00, 2.00, 0.05)[0] == "rejected"  # the margin is not reached
+
+
+def test_gate_rejects_a_regression_beyond_its_tolerance() -> None:
+    from selftune.tuning.pipeline import gate
+    from selftune.tuning.report import SuiteResult
+
+    before, better = SuiteResult(name="heldout", accuracy=0.5, n=4), SuiteResult(name="heldout", accuracy=0.75, n=4)
+    abstain = SuiteResult(name="bfcl:irrelevance", accuracy=0.9, n=10)
+    one_less = SuiteResult(name="bfcl:irrelevance", accuracy=0.8, n=10)
+    two_less = SuiteResult(name="bfcl:irrelevance", accuracy=0.7, n=10)
+    calls = SuiteResult(name="bfcl:simple_python", accuracy=0.6, n=10)
+
+    decision, reason = gate(before, better, 0.0, 2.0, 2.0, 0.05, [(abstain, one_less, 0.1), (calls, calls, 0.1)])
+    assert decision == "promoted" and "bfcl:irrelevance 0.90 -> 0.80 (n=10, tolerance 0.10)" in reason
+    decision, reason = gate(before, better, 0.0, 2.0, 2.0, 0.05, [(calls, calls, 0.1), (abstain, two_less, 0.1)])
+    assert decision == "rejected"
+    assert reason.startswith("regression: bfcl:irrelevance 0.90 -> 0.70 (n=10, tolerance 0.10); held-out accuracy")
+    assert "bfcl:simple_python 0.60 -> 0.60" in reason
+    assert gate(before, better, 0.0, 2.0, 2.0, 0.05, [(abstain, two_less, 0.25)])[0] == "promoted"
+
+
+def test_regression_suites_are_validated_bfcl_categories() -> None:
+    from pydantic import ValidationError
+
+    from selftune.settings import RegressionSuite
+
+    assert [s.category for s in TuningSettings().regression_suites] == ["irrelevance", "simple_python"]
+    with pytest.raises(ValidationError, match="unsupported BFCL category 'irrelevant'"):
+        TuningSettings(regression_suites=[{"category": "irrelevant"}])
+    with pytest.raises(ValidationError):
+        RegressionSuite(category="irrelevance", tolerance=1.5)

@@ -1,18 +1,20 @@
 """One self-tuning round: select -> build data -> train -> gate -> promote or reject -> report.
 
-The candidate is trained from the base weights on the selected episodes mixed with
-replayed earlier training data and general/abstention conversations (tuning/replay.py), then the
-agent runs the held-out goals with the active adapter and with the candidate, and both
-score a fixed public-domain reference text (cross-entropy: forgetting of general
-language). The candidate is promoted only when its held-out accuracy is at least the
-active one's plus ``promote_margin`` and its reference cross-entropy rose by at most
-``reference_tolerance``; a rejected candidate is kept on disk but never becomes
-active. The candidate is registered only after its evaluation, so a crash or
-interrupt anywhere before that leaves the registry unchanged.
+The candidate is trained from the base weights on the selected episodes mixed with replayed
+earlier training data and general/abstention conversations (tuning/replay.py). The active
+adapter and the candidate then each run the held-out goals, score a fixed public-domain
+reference text (cross-entropy: forgetting of general language) and answer the BFCL regression
+suites (``tuning.regression_suites``: abstention, tool-call categories never trained on). The
+candidate is promoted only when its held-out accuracy is at least the active one's plus
+``promote_margin``, its reference cross-entropy rose by at most ``reference_tolerance`` and no
+regression suite lost more than its tolerance; a rejected candidate is kept on disk but never
+becomes active. The candidate is registered only after its evaluation, so a crash or interrupt
+anywhere before that leaves the registry unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +26,7 @@ from selftune.memory.records import Episode, utc_now
 from selftune.runtime import Runtime
 from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.dataset import build_examples
-from selftune.tuning.evaluate import evaluate_goals
+from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
 from selftune.tuning.replay import load_replay_file, mix_replay
 from selftune.tuning.report import SuiteResult, TuningReport, write_report
@@ -46,17 +48,25 @@ class TuningOutcome(BaseModel):
 
 
 def gate(before: SuiteResult, after: SuiteResult, margin: float, reference_before: float,
-         reference_after: float, tolerance: float) -> tuple[Decision, str]:
-    """Promote only if held-out accuracy gains ``margin`` and reference cross-entropy rises at most
-    ``tolerance`` (relative); the reason gives both figures."""
+         reference_after: float, tolerance: float,
+         regressions: Sequence[tuple[SuiteResult, SuiteResult, float]] = ()) -> tuple[Decision, str]:
+    """Promote only if held-out accuracy gains ``margin``, reference cross-entropy rises at most
+    ``tolerance`` (relative) and no regression suite ``(before, after, tolerance)`` loses more than
+    its tolerance (absolute accuracy); the reason gives every figure, the failed check first."""
     accuracy = f"held-out accuracy {before.accuracy:.2f} -> {after.accuracy:.2f} (n={after.n}, margin {margin:+.2f})"
     rise = reference_after / reference_before - 1
     reference = f"reference cross-entropy {reference_before:.3f} -> {reference_after:.3f} ({rise:+.1%}, tolerance {tolerance:.0%})"
+    suites = [(f"{old.name} {old.accuracy:.2f} -> {new.accuracy:.2f} (n={new.n}, tolerance {allowed:.2f})",
+               old.accuracy - new.accuracy > allowed + 1e-9) for old, new, allowed in regressions]
+    figures = [accuracy, reference] + [text for text, _ in suites]
     if after.accuracy < before.accuracy + margin:
-        return "rejected", f"{accuracy}; {reference}"
+        return "rejected", "; ".join(figures)
     if rise > tolerance:
-        return "rejected", f"forgetting: {reference}; {accuracy}"
-    return "promoted", f"{accuracy}; {reference}"
+        return "rejected", "forgetting: " + "; ".join([reference, accuracy] + figures[2:])
+    dropped = [text for text, failed in suites if failed]
+    if dropped:
+        return "rejected", "regression: " + "; ".join(dropped + [t for t in figures if t not in dropped])
+    return "promoted", "; ".join(figures)
 
 
 def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutcome:
@@ -100,6 +110,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     reference_text = tuning.reference_file.read_text()
     before = evaluate_goals(runtime.agent(), goals)
     reference_before = chat.cross_entropy(reference_text)
+    suites_before = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
     version, out_dir = runtime.adapters.allocate()
     try:
         chat.use_adapter(None, None)  # each round trains from the base weights
@@ -107,15 +118,20 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         chat.use_adapter(out_dir, version)
         after = evaluate_goals(runtime.agent(sync=False), goals)
         reference_after = chat.cross_entropy(reference_text)
+        suites_after = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
     finally:
         runtime.sync_adapter()
+    regressions = [(suites_before[name], suites_after[name], suite.tolerance)
+                   for suite in tuning.regression_suites if (name := f"bfcl:{suite.category}") in suites_before]
     decision, reason = gate(before, after, tuning.promote_margin, reference_before, reference_after,
-                            tuning.reference_tolerance)
+                            tuning.reference_tolerance, regressions)
     runtime.adapters.register(AdapterVersion(
         version=version, method=method_name, base_model=settings.model.name, path=out_dir,
         metrics={"heldout_before": before.accuracy, "heldout_after": after.accuracy,
                  "reference_ce_before": reference_before, "reference_ce_after": reference_after,
-                 "train_loss_last": train.losses[-1], "examples": train.examples},
+                 "train_loss_last": train.losses[-1], "examples": train.examples,
+                 **{f"{name}_before": result.accuracy for name, result in suites_before.items()},
+                 **{f"{name}_after": result.accuracy for name, result in suites_after.items()}},
         trained_on=[episode.id for episode in episodes if episode.origin != "replay"],
     ))
     if decision == "promoted":
@@ -124,7 +140,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         runtime.adapters.reject(version, reason)
     runtime.sync_adapter()
     return finish(decision, reason, candidate_version=version, train=train,
-                  eval_before={"heldout": before}, eval_after={"heldout": after},
+                  eval_before={"heldout": before, **suites_before}, eval_after={"heldout": after, **suites_after},
                   reference_ce_before=reference_before, reference_ce_after=reference_after,
                   history=_history(runtime))
 
