@@ -499,8 +499,11 @@ def test_write_report(tmp_path, skipped):
 
     for name, png in paths.plots.items():
         assert png.read_bytes().startswith(b"\x89PNG") and f"]({png.name})" in markdown
+    no_history = write_report(_report(history=[]), tmp_path / "first")
+    assert "No earlier versions." in no_history.markdown.read_text() and "history.png" not in no_history.markdown.read_text()
     embedded = html.split('src="data:image/png;base64,')[1:]
-    assert len(embedded) == 3 and 'src="loss.png"' not in html
+    assert set(paths.plots) == {"loss", "rewards", "eval", "history"}
+    assert len(embedded) == 4 and 'src="loss.png"' not in html
     assert all(base64.b64decode(chunk.split('"')[0]).startswith(b"\x89PNG") for chunk in embedded)
     assert "&lt;accuracy&gt;" in html and "<accuracy>" not in html
 

@@ -144,7 +144,21 @@ def _eval_plot(report: TuningReport) -> Figure:
     return figure
 
 
-_PLOTS = {"loss": _loss_plot, "rewards": _reward_plot, "eval": _eval_plot}
+def _history_plot(report: TuningReport) -> Figure:
+    figure, axes = _figure()
+    if report.history:
+        versions = [version for version, _ in report.history]
+        axes.plot(range(len(versions)), [accuracy for _, accuracy in report.history], marker="o")
+        axes.set_xticks(range(len(versions)), versions)
+        axes.set_ylim(0, 1)
+        axes.set_ylabel("held-out accuracy")
+    else:
+        _no_data(axes, "no versions yet")
+    axes.set_title("History across versions")
+    return figure
+
+
+_PLOTS = {"loss": _loss_plot, "rewards": _reward_plot, "eval": _eval_plot, "history": _history_plot}
 
 
 def _png(figure: Figure) -> bytes:
