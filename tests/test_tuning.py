@@ -174,6 +174,8 @@ def test_collate_right_pads_with_masks():
 # -- methods -------------------------------------------------------------------------
 def test_methods_registry(tmp_path, tokenizer):
     assert set(METHODS) == {"lora", "prompt"}
+    with pytest.raises(ValueError, match="'prefix' is not offered: PEFT prefix tuning"):
+        get_method("prefix")
     with pytest.raises(ValueError, match="lora, prompt"):
         get_method("qlora")
 
@@ -563,3 +565,22 @@ def test_cli_adapters_use_best_latest_and_base(tmp_path, monkeypatch):
     assert "best: v0001" in listing.output and "latest: v0002" in listing.output
     assert runner.invoke(app, ["adapters", "use", "latest"]).exit_code == 0 and registry.active_version() == "v0002"
     assert runner.invoke(app, ["adapters", "use", "base"]).exit_code == 0 and registry.active_version() is None
+
+
+def test_prefix_tuning_still_has_no_effect_on_generate(model, tokenizer):
+    """Why ``--method prefix`` is not offered (tuning/methods.py UNSUPPORTED); fails once it works."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base_step = model.generate(ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True).scores[0].float()
+        peft_model = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8))
+        # Prefix tuning leaves the base modules untouched: ``model`` stays the base model for later tests.
+        forward = peft_model(input_ids=ids).logits[0, -1].float()
+        generated = peft_model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                                        return_dict_in_generate=True).scores[0].float()
+    moved_forward = float((forward - base_step[0]).abs().max())
+    moved_generate = float((generated - base_step).abs().max())  # bf16 rounding only
+    assert moved_forward > 5.0  # the (random) prefix changes a plain forward pass...
+    assert moved_generate < moved_forward / 20  # ...but generate ignores it
