@@ -112,8 +112,8 @@ def _llama_cpp_decode_tokens_per_s(settings: Settings, threads: int, tokens: int
     """llama.cpp's decode speed on the model's own GGUF file, measured like :func:`_decode_tokens_per_s`."""
     try:
         from llama_cpp import Llama
-    except ImportError:
-        return {"available": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    except ImportError as error:
+        return {"available": False, "reason": f"llama-cpp-python is not importable ({error}); it is not a dependency"}
     from selftune.agent.models import assemble_chunks, get_spec
 
     spec = get_spec(settings.model.name)
