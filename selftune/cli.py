@@ -546,6 +546,41 @@ def bench_loop(
     _print_bench(run_loop_bench(goals=goals), as_json)
 
 
+@bench_app.command("self-improvement")
+def bench_self_improvement(
+    model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora or prompt (default from config).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Collect-tune-gate rounds after the base evaluation.")] = 3,
+    attempts: Annotated[int, typer.Option(min=1, help="Attempts per train goal per round (first greedy).")] = 4,
+    eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
+    no_replay: Annotated[bool, typer.Option("--no-replay", help="Ablation: replay nothing.")] = False,
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Ablation: promote every candidate.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the run as JSON (after every round).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Keep episodes and adapters here (default: a temp dir).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Self-tuning on BFCL goals with the checker as reward: per-round accuracy on held-out and untrained suites."""
+    from selftune.bench.self_improvement import run_self_improvement
+    from selftune.tuning.methods import get_method
+
+    settings = _settings(model)
+    if method:
+        try:
+            settings.tuning.method = get_method(method).name  # type: ignore[assignment]
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--method") from None
+
+    def save(run) -> None:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(run.model_dump_json(indent=1))
+
+    run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
+                               replay=not no_replay, use_gate=not no_gate, work_dir=work_dir, on_round=save)
+    save(run)
+    _print_bench(run.model_dump(mode="json"), as_json)
+
+
 @app.command()
 def demo(
     model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,

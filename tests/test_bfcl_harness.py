@@ -143,6 +143,15 @@ def test_evaluate_category_skips_questions_already_done() -> None:
     assert [r.raw for r in result.records].count("from an earlier run") == 2 and result.n == 3
 
 
+def test_evaluate_category_asks_exactly_the_given_ids() -> None:
+    stub = _Replay("multiple")
+    ids = [q.id for q, _ in load_category("multiple")][5:8]
+    result = evaluate_category(stub, "multiple", ids=ids, constrained=False)
+    assert [r.id for r in result.records] == ids and result.accuracy == 1.0
+    with pytest.raises(ValueError, match="1 of the given ids are not in multiple"):
+        evaluate_category(stub, "multiple", ids=ids + ["simple_python_0"], constrained=False)
+
+
 def test_evaluate_category_aggregates_unconstrained() -> None:
     stub = _Replay("simple_python")
     result = evaluate_category(stub, "simple_python", limit=4, seed=1, constrained=False)

@@ -14,7 +14,7 @@ no-call answer; in the parallel categories the grammar also admits a JSON list o
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from statistics import fmean
 from typing import Any
 
@@ -142,14 +142,22 @@ def evaluate_category(
     constrained: bool = True,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     done: Mapping[str, QuestionRecord] | None = None,
+    ids: Collection[str] | None = None,
 ) -> CategoryResult:
     """Run ``chat`` greedily on ``limit`` questions of ``category`` and score them. ``constrained``
     offers the question's functions as tools (grammar on the local backend, native tool calling
     on a server); without it the model sees them only in the prompt. ``done``: records of an
-    earlier run with the same settings, by question id; those questions are not asked again."""
+    earlier run with the same settings, by question id; those questions are not asked again.
+    ``ids``: ask exactly these questions of the category (``limit`` and ``seed`` then unused)."""
     records: list[QuestionRecord] = []
     several_calls = expects_several_calls(category)
-    for question, answer in load_category(category, limit=limit, seed=seed):
+    questions = load_category(category, limit=None if ids is not None else limit, seed=seed)
+    if ids is not None:
+        wanted = set(ids)
+        questions = [(question, answer) for question, answer in questions if question.id in wanted]
+        if len(questions) != len(wanted):
+            raise ValueError(f"{len(wanted) - len(questions)} of the given ids are not in {category}")
+    for question, answer in questions:
         if done and question.id in done:
             records.append(done[question.id])
             continue

@@ -1,0 +1,262 @@
+"""Self-improvement benchmark: does tuning on its own verified episodes make the model better,
+without forgetting?
+
+BFCL questions are the goals and BFCL's checker is the verifier reward. A committed split
+(``configs/self_improvement_split.json``, :func:`make_split`) fixes which simple_python and
+multiple questions are trained on and which are held out. Round 0 evaluates the base model;
+each later round then
+
+1. **collects**: every train goal is attempted ``attempts`` times with the active adapter
+   through the constrained tool-call path (the first attempt greedy, the others sampled) and
+   stored as an episode (prompt, call) with a verifier reward of 1 or 0;
+2. **tunes**: the production pieces, as ``selftune tune`` runs them: episode selection, replay
+   mixing (earlier promoted episodes and ``configs/replay.jsonl``), training from the base
+   weights;
+3. **evaluates** the candidate on every suite: held-out simple_python and multiple, and
+   live_simple, live_multiple, irrelevance, live_irrelevance (never trained on; seeded
+   samples), plus reference-text cross-entropy;
+4. **gates** it against the active adapter's results with :func:`selftune.tuning.pipeline.gate`
+   (held-out = both held-out suites together; regression suites: the four never-trained ones).
+
+``replay=False`` and ``gate=False`` give the ablation (nothing replayed; every candidate
+promoted). Each phase is timed.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from selftune.agent.generation import generate
+from selftune.agent.models import load_causal_lm
+from selftune.agent.local_chat import LocalChatModel
+from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
+from selftune.bfcl import load_category
+from selftune.bfcl.harness import build_messages, evaluate_category, score_reply
+from selftune.memory.episodes import EpisodeStore
+from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
+from selftune.settings import PROJECT_ROOT, Settings
+from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
+from selftune.tuning.dataset import build_examples
+from selftune.tuning.pipeline import gate
+from selftune.tuning.replay import load_replay_file, mix_replay
+from selftune.tuning.report import SuiteResult
+from selftune.tuning.selection import select_episodes
+from selftune.tuning.trainer import train_adapter
+
+__all__ = ["SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "make_split", "run_self_improvement"]
+
+SPLIT_FILE = PROJECT_ROOT / "configs" / "self_improvement_split.json"
+TRAIN_CATEGORIES = ("simple_python", "multiple")
+UNTRAINED_SUITES = ("live_simple", "live_multiple", "irrelevance", "live_irrelevance")
+HELDOUT = "heldout"
+
+
+class Split(BaseModel):
+    """Train and held-out question ids per category (disjoint)."""
+
+    seed: int
+    train: dict[str, list[str]]
+    heldout: dict[str, list[str]]
+
+
+def make_split(seed: int = 0, train_per_category: int = 40, heldout_per_category: int = 30) -> Split:
+    """A seeded split of :data:`TRAIN_CATEGORIES` into train and held-out ids."""
+    rng = random.Random(seed)
+    train, heldout = {}, {}
+    for category in TRAIN_CATEGORIES:
+        ids = sorted(question.id for question, _ in load_category(category))
+        rng.shuffle(ids)
+        if len(ids) < train_per_category + heldout_per_category:
+            raise ValueError(f"{category} has only {len(ids)} questions")
+        train[category] = sorted(ids[:train_per_category])
+        heldout[category] = sorted(ids[train_per_category:train_per_category + heldout_per_category])
+    return Split(seed=seed, train=train, heldout=heldout)
+
+
+class PhaseSeconds(BaseModel):
+    collect: float = 0.0
+    train: float = 0.0
+    evaluate: float = 0.0
+
+
+class BenchRound(BaseModel):
+    round: int
+    decision: str  # "base" for round 0, else promoted / rejected / skipped
+    reason: str = ""
+    candidate: dict[str, float] = Field(default_factory=dict, description="Suite accuracies of this round's model.")
+    active: dict[str, float] = Field(default_factory=dict, description="Suite accuracies of the model active after it.")
+    reference_ce: float | None = None
+    attempts: int = 0
+    solved_attempts: int = 0
+    selected: int = 0
+    replayed: int = 0
+    seconds: PhaseSeconds = Field(default_factory=PhaseSeconds)
+
+
+class SelfImprovementRun(BaseModel):
+    model: str
+    method: str
+    replay: bool
+    gate: bool
+    attempts: int
+    eval_limit: int
+    rounds: list[BenchRound] = Field(default_factory=list)
+
+
+def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, answer: Any, temperature: float) -> bool:
+    messages = build_messages(question)
+    reply = generate(chat, messages, max_tokens=256, temperature=temperature, tools=question.tools(),
+                     allow_no_call=True)
+    text = str(reply.content)
+    _, _, result = score_reply(question, answer, text)
+    try:
+        calls = parse_tool_calls(text)
+    except ToolCallError:
+        calls = []
+    episode_id = new_id()
+    steps = [
+        Step(index=0, kind="system", message=ChatMessage(role="system", content=messages[0].content)),
+        Step(index=1, kind="goal", message=ChatMessage(role="user", content=messages[-1].content)),
+        Step(index=2, kind="action", message=ChatMessage(role="assistant", content=text, tool_calls=calls),
+             model_id=chat.model_id, adapter_version=chat.adapter_version, trainable=bool(calls)),
+    ]
+    store.create_episode(Episode(
+        id=episode_id, goal=f"{question.id}: {messages[-1].content}", status="done", origin="bfcl-train",
+        model_id=chat.model_id, adapter_version=chat.adapter_version, steps=steps,
+        rewards=[Reward(episode_id=episode_id, source="verifier", value=float(result.valid), note=result.error)]))
+    return result.valid
+
+
+def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float) -> tuple[int, int]:
+    total = solved = 0
+    for category, ids in split.train.items():
+        wanted = set(ids)
+        for question, answer in load_category(category):
+            if question.id not in wanted:
+                continue
+            for attempt in range(attempts):
+                solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
+                total += 1
+    return total, solved
+
+
+def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int) -> dict[str, SuiteResult]:
+    suites: dict[str, SuiteResult] = {}
+    for category, ids in split.heldout.items():
+        result = evaluate_category(chat, category, ids=ids, constrained=True)
+        suites[f"{HELDOUT}:{category}"] = SuiteResult(name=f"{HELDOUT}:{category}", accuracy=result.accuracy,
+                                                      n=result.n, passed=sum(r.valid for r in result.records))
+    for category in UNTRAINED_SUITES:
+        result = evaluate_category(chat, category, limit=eval_limit, seed=seed, constrained=True)
+        suites[category] = SuiteResult(name=category, accuracy=result.accuracy, n=result.n,
+                                       passed=sum(r.valid for r in result.records))
+    passed = sum(suites[f"{HELDOUT}:{c}"].passed for c in split.heldout)
+    n = sum(suites[f"{HELDOUT}:{c}"].n for c in split.heldout)
+    suites[HELDOUT] = SuiteResult(name=HELDOUT, accuracy=passed / n if n else 0.0, n=n, passed=passed)
+    return suites
+
+
+def run_self_improvement(
+    settings: Settings,
+    rounds: int = 3,
+    attempts: int = 4,
+    temperature: float = 0.7,
+    eval_limit: int = 50,
+    replay: bool = True,
+    use_gate: bool = True,
+    regression_tolerance: float = 0.02,
+    split: Split | None = None,
+    work_dir: Path | None = None,
+    on_round: Any = None,
+) -> SelfImprovementRun:
+    """Run the benchmark on ``settings.model`` with ``settings.tuning`` (method, LoRA/prompt options)."""
+    split = split or Split.model_validate_json(SPLIT_FILE.read_text())
+    tuning = settings.tuning
+    model, tokenizer = load_causal_lm(settings.model.name, settings.model_cache, settings.model.dtype)
+    if settings.model.threads:
+        torch.set_num_threads(settings.model.threads)
+    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=settings.model.name)
+    reference = tuning.reference_file.read_text()
+    general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
+    run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
+                             attempts=attempts, eval_limit=eval_limit)
+    scratch = tempfile.TemporaryDirectory(prefix="selftune-self-improvement-") if work_dir is None else None
+    root = Path(work_dir or scratch.name)
+    try:
+        registry = AdapterRegistry(root / "adapters")
+        with EpisodeStore(root / "episodes.sqlite3") as store:
+            start = time.perf_counter()
+            active = _evaluate(chat, split, eval_limit, tuning.seed)
+            active_ce = chat.cross_entropy(reference)
+            run.rounds.append(BenchRound(
+                round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
+                active={k: v.accuracy for k, v in active.items()}, reference_ce=active_ce,
+                seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+            if on_round:
+                on_round(run)
+            for number in range(1, rounds + 1):
+                seconds = PhaseSeconds()
+                start = time.perf_counter()
+                total, solved = _collect(store, chat, split, attempts, temperature)
+                seconds.collect = round(time.perf_counter() - start, 1)
+
+                start = time.perf_counter()
+                selection = select_episodes(store, tuning)
+                earlier = ([store.get(i) for e in registry.list() if e.status == "promoted" for i in e.trained_on]
+                           if replay else [])
+                episodes, mix = mix_replay(selection.selected, earlier, general,
+                                           tuning.replay_ratio if replay else 0.0, tuning.replay_general_share,
+                                           tuning.seed + number)
+                examples = build_examples(episodes, tokenizer, tuning.max_seq_len)
+                result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
+                                    selected=len(selection.selected), replayed=mix.earlier + mix.general)
+                if not examples:
+                    result.reason = "no episode solved"
+                    result.active = {k: v.accuracy for k, v in active.items()}
+                    result.seconds = seconds
+                    run.rounds.append(result)
+                    continue
+                previous = registry.active_path()
+                version, out_dir = registry.allocate()
+                chat.use_adapter(None)
+                train_adapter(model, tokenizer, examples, tuning, out_dir)
+                seconds.train = round(time.perf_counter() - start, 1)
+
+                start = time.perf_counter()
+                chat.use_adapter(out_dir, version)
+                candidate = _evaluate(chat, split, eval_limit, tuning.seed)
+                candidate_ce = chat.cross_entropy(reference)
+                seconds.evaluate = round(time.perf_counter() - start, 1)
+                regressions = [(active[name], candidate[name], regression_tolerance) for name in UNTRAINED_SUITES]
+                decision, reason = gate(active[HELDOUT], candidate[HELDOUT], tuning.promote_margin, active_ce,
+                                        candidate_ce, tuning.reference_tolerance, regressions)
+                if not use_gate:
+                    decision, reason = "promoted", f"gate off ({decision}: {reason})"
+                registry.register(AdapterVersion(
+                    version=version, method=tuning.method, base_model=settings.model.name, path=out_dir,
+                    metrics={HELDOUT + "_after": candidate[HELDOUT].accuracy},
+                    trained_on=[e.id for e in episodes if e.origin != "replay"]))
+                if decision == "promoted":
+                    registry.promote(version, reason)
+                    active, active_ce = candidate, candidate_ce
+                else:
+                    registry.reject(version, reason)
+                    chat.use_adapter(previous)
+                result.decision, result.reason = decision, reason
+                result.candidate = {k: v.accuracy for k, v in candidate.items()}
+                result.active = {k: v.accuracy for k, v in active.items()}
+                result.reference_ce, result.seconds = candidate_ce, seconds
+                run.rounds.append(result)
+                if on_round:
+                    on_round(run)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    return run
