@@ -555,12 +555,14 @@ def bench_self_improvement(
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Ablation: replay nothing.")] = False,
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Ablation: promote every candidate.")] = False,
+    fewshot: Annotated[Optional[int], typer.Option(min=1, help="Baseline instead of tuning: this many retrieved "
+                                                   "solved episodes as few-shot turns, no weight change.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the run as JSON (after every round).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option(help="Keep episodes and adapters here (default: a temp dir).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Self-tuning on BFCL goals with the checker as reward: per-round accuracy on held-out and untrained suites."""
-    from selftune.bench.self_improvement import run_self_improvement
+    from selftune.bench.self_improvement import run_fewshot_baseline, run_self_improvement
     from selftune.tuning.methods import get_method
 
     settings = _settings(model)
@@ -575,8 +577,11 @@ def bench_self_improvement(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(run.model_dump_json(indent=1))
 
-    run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
-                               replay=not no_replay, use_gate=not no_gate, work_dir=work_dir, on_round=save)
+    if fewshot is not None:
+        run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot, work_dir=work_dir)
+    else:
+        run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
+                                   replay=not no_replay, use_gate=not no_gate, work_dir=work_dir, on_round=save)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

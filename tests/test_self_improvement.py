@@ -15,6 +15,7 @@ from selftune.bench.self_improvement import (
     UNTRAINED_SUITES,
     Split,
     make_split,
+    run_fewshot_baseline,
     run_self_improvement,
 )
 from selftune.memory.episodes import EpisodeStore
@@ -66,3 +67,38 @@ def test_bench_self_improvement_rejects_an_unknown_method() -> None:
 
     result = CliRunner().invoke(app, ["bench", "self-improvement", "--method", "prefix"])
     assert result.exit_code != 0 and "not offered" in result.output
+
+
+def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path, tmp_path: Path) -> None:
+    split = Split(seed=0, train={"multiple": make_split(0).train["multiple"][:2]},
+                  heldout={"multiple": make_split(0).heldout["multiple"][:1]})
+    settings = load_settings(data_dir=tmp_path / "data", model_cache=model_cache,
+                             model={"name": "smollm2-135m-instruct"})
+    run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, split=split, work_dir=tmp_path / "work")
+    base, shot = run.rounds
+    assert (base.decision, shot.decision, run.method) == ("base", "baseline", "fewshot-1")
+    assert set(shot.candidate) == set(base.candidate) and shot.attempts == 2
+
+
+def test_exemplars_are_the_closest_solved_episodes_as_question_and_call_turns(tmp_path: Path) -> None:
+    from selftune.bench.self_improvement import _exemplar_memory
+    from selftune.bfcl import load_category
+    from selftune.memory.records import ChatMessage, Episode, Reward, Step
+    from selftune.memory.vector import VectorMemory
+
+    def solved(episode_id: str, question: str, call: str, value: float) -> Episode:
+        return Episode(id=episode_id, goal=question, status="done", origin="bfcl-train", steps=[
+            Step(index=0, kind="system", message=ChatMessage(role="system", content="functions")),
+            Step(index=1, kind="goal", message=ChatMessage(role="user", content=question)),
+            Step(index=2, kind="action", message=ChatMessage(role="assistant", content=call), trainable=True),
+        ], rewards=[Reward(episode_id=episode_id, source="verifier", value=value)])
+
+    target, _ = load_category("simple_python", limit=1, seed=0)[0]
+    with EpisodeStore(tmp_path / "episodes.sqlite3") as store:
+        store.create_episode(solved("near", target.messages[-1].content + " Please.", '{"tool": "near"}', 1.0))
+        store.create_episode(solved("far", "Book a flight from Paris to Rome.", '{"tool": "far"}', 1.0))
+        store.create_episode(solved("failed", target.messages[-1].content, '{"tool": "wrong"}', 0.0))
+        exemplars = _exemplar_memory(store, VectorMemory(tmp_path / "chroma", "exemplars"), k=2)
+        turns = exemplars(target)
+    assert [t.type for t in turns] == ["human", "ai", "human", "ai"]
+    assert [t.content for t in turns[1::2]] == ['{"tool": "far"}', '{"tool": "near"}']  # closest last; failed never

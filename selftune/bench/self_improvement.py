@@ -19,7 +19,10 @@ each later round then
    (held-out = both held-out suites together; regression suites: the four never-trained ones).
 
 ``replay=False`` and ``gate=False`` give the ablation (nothing replayed; every candidate
-promoted). Each phase is timed.
+promoted). :func:`run_fewshot_baseline` is the cheap baseline every adapter must beat: no weight
+change, one collection round, then the best matching solved train episodes (by embedding
+similarity of the question, from a Chroma memory) as few-shot turns in the prompt. Each phase is
+timed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, Field
 
 from selftune.agent.generation import generate
@@ -41,6 +45,7 @@ from selftune.bfcl import load_category
 from selftune.bfcl.harness import build_messages, evaluate_category, score_reply
 from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
+from selftune.memory.vector import VectorMemory
 from selftune.settings import PROJECT_ROOT, Settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
 from selftune.tuning.dataset import build_examples
@@ -50,7 +55,10 @@ from selftune.tuning.report import SuiteResult
 from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
-__all__ = ["SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "make_split", "run_self_improvement"]
+__all__ = [
+    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "make_split", "run_fewshot_baseline",
+    "run_self_improvement",
+]
 
 SPLIT_FILE = PROJECT_ROOT / "configs" / "self_improvement_split.json"
 TRAIN_CATEGORIES = ("simple_python", "multiple")
@@ -147,14 +155,16 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
     return total, solved
 
 
-def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int) -> dict[str, SuiteResult]:
+def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
+              exemplars: Any = None) -> dict[str, SuiteResult]:
     suites: dict[str, SuiteResult] = {}
     for category, ids in split.heldout.items():
-        result = evaluate_category(chat, category, ids=ids, constrained=True)
+        result = evaluate_category(chat, category, ids=ids, constrained=True, exemplars=exemplars)
         suites[f"{HELDOUT}:{category}"] = SuiteResult(name=f"{HELDOUT}:{category}", accuracy=result.accuracy,
                                                       n=result.n, passed=sum(r.valid for r in result.records))
     for category in UNTRAINED_SUITES:
-        result = evaluate_category(chat, category, limit=eval_limit, seed=seed, constrained=True)
+        result = evaluate_category(chat, category, limit=eval_limit, seed=seed, constrained=True,
+                                   exemplars=exemplars)
         suites[category] = SuiteResult(name=category, accuracy=result.accuracy, n=result.n,
                                        passed=sum(r.valid for r in result.records))
     passed = sum(suites[f"{HELDOUT}:{c}"].passed for c in split.heldout)
@@ -256,6 +266,68 @@ def run_self_improvement(
                 run.rounds.append(result)
                 if on_round:
                     on_round(run)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    return run
+
+
+def _exemplar_memory(store: EpisodeStore, memory: VectorMemory, k: int) -> Any:
+    """Index the solved train episodes by question; return a BFCL ``exemplars`` function over them."""
+    seen: set[str] = set()
+    for episode in store.scored(min_score=1.0):
+        question = episode.steps[1].message.content
+        if question not in seen:
+            seen.add(question)
+            memory.add([question], kind="exemplar", episode_id=episode.id)
+
+    def exemplars(question: Any) -> list[BaseMessage]:
+        turns: list[BaseMessage] = []
+        for hit in reversed(memory.search(question.messages[-1].content, k=k)):  # the closest one last
+            steps = store.get(hit.episode_id).steps
+            turns += [HumanMessage(content=steps[1].message.content), AIMessage(content=steps[2].message.content)]
+        return turns
+
+    return exemplars
+
+
+def run_fewshot_baseline(
+    settings: Settings,
+    attempts: int = 4,
+    temperature: float = 0.7,
+    eval_limit: int = 50,
+    shots: int = 2,
+    split: Split | None = None,
+    work_dir: Path | None = None,
+) -> SelfImprovementRun:
+    """Base evaluation, one collection round, then evaluation with ``shots`` retrieved exemplars."""
+    split = split or Split.model_validate_json(SPLIT_FILE.read_text())
+    model, tokenizer = load_causal_lm(settings.model.name, settings.model_cache, settings.model.dtype)
+    if settings.model.threads:
+        torch.set_num_threads(settings.model.threads)
+    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=settings.model.name)
+    run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
+                             attempts=attempts, eval_limit=eval_limit)
+    scratch = tempfile.TemporaryDirectory(prefix="selftune-fewshot-") if work_dir is None else None
+    root = Path(work_dir or scratch.name)
+    try:
+        with EpisodeStore(root / "episodes.sqlite3") as store:
+            start = time.perf_counter()
+            base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
+            run.rounds.append(BenchRound(round=0, decision="base", candidate=base, active=base,
+                                         seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+            seconds = PhaseSeconds()
+            start = time.perf_counter()
+            total, solved = _collect(store, chat, split, attempts, temperature)
+            memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
+            exemplars = _exemplar_memory(store, memory, shots)
+            seconds.collect = round(time.perf_counter() - start, 1)
+            start = time.perf_counter()
+            shot = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed, exemplars).items()}
+            seconds.evaluate = round(time.perf_counter() - start, 1)
+            run.rounds.append(BenchRound(round=1, decision="baseline", reason=f"{shots} retrieved exemplars",
+                                         candidate=shot, active=shot, attempts=total, solved_attempts=solved,
+                                         seconds=seconds))
     finally:
         if scratch is not None:
             scratch.cleanup()

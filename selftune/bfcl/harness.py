@@ -14,7 +14,7 @@ no-call answer; in the parallel categories the grammar also admits a JSON list o
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from statistics import fmean
 from typing import Any
 
@@ -143,12 +143,14 @@ def evaluate_category(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     done: Mapping[str, QuestionRecord] | None = None,
     ids: Collection[str] | None = None,
+    exemplars: Callable[[BfclQuestion], list[BaseMessage]] | None = None,
 ) -> CategoryResult:
     """Run ``chat`` greedily on ``limit`` questions of ``category`` and score them. ``constrained``
     offers the question's functions as tools (grammar on the local backend, native tool calling
     on a server); without it the model sees them only in the prompt. ``done``: records of an
     earlier run with the same settings, by question id; those questions are not asked again.
-    ``ids``: ask exactly these questions of the category (``limit`` and ``seed`` then unused)."""
+    ``ids``: ask exactly these questions of the category (``limit`` and ``seed`` then unused).
+    ``exemplars``: example turns to put between the system message and the question."""
     records: list[QuestionRecord] = []
     several_calls = expects_several_calls(category)
     questions = load_category(category, limit=None if ids is not None else limit, seed=seed)
@@ -167,6 +169,8 @@ def evaluate_category(
             options.update(tools=question.tools(), allow_no_call=True, max_calls=max_calls)
         start = time.perf_counter()
         messages = build_messages(question, several_calls)
+        if exemplars is not None:
+            messages = [messages[0], *exemplars(question), *messages[1:]]
         reply = generate(chat, messages, max_tokens=max_new_tokens, temperature=0.0, **options)
         wall = time.perf_counter() - start
         text = reply.content if isinstance(reply.content, str) else str(reply.content)
