@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from selftune.bfcl import CATEGORIES
 from selftune.bfcl.harness import BfclRun, CategoryResult
 
 
@@ -34,7 +35,8 @@ def table(folder: Path, model: str) -> str:
         "unconstrained parse rate | constrained accuracy on those |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for category in dict.fromkeys([*constrained, *free]):
+    order = {name: index for index, name in enumerate(CATEGORIES)}
+    for category in sorted(dict.fromkeys([*constrained, *free]), key=lambda name: order.get(name, len(order))):
         c, u = constrained.get(category), free.get(category)
         left = (f"{c.n} | {c.accuracy:.2f} | {c.parse_rate:.2f} | {c.mean_latency_s:.2f} | {c.mean_output_tokens:.0f}"
                 if c else "– | – | – | – | –")

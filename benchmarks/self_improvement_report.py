@@ -1,0 +1,64 @@
+"""Tables, plots and the combined JSON for docs/self_improvement.md from benchmark runs.
+
+    .venv/bin/python benchmarks/self_improvement_report.py docs/self_improvement
+
+Reads every ``selftune bench self-improvement --out`` file in the folder, writes one plot per run
+(``<run>.png``: accuracy of the active model per suite across rounds) and
+``docs/self_improvement.json`` (all runs), and prints a Markdown table per run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from selftune.bench.self_improvement import HELDOUT, UNTRAINED_SUITES, SelfImprovementRun
+
+SUITES = (HELDOUT, f"{HELDOUT}:simple_python", f"{HELDOUT}:multiple", *UNTRAINED_SUITES)
+
+
+def _plot(run: SelfImprovementRun, out: Path) -> None:
+    figure = Figure(figsize=(7, 3.6), dpi=100, layout="tight")
+    axes = figure.add_subplot()
+    rounds = [r.round for r in run.rounds]
+    for suite in SUITES:
+        values = [r.active.get(suite) for r in run.rounds]
+        if all(v is not None for v in values):
+            axes.plot(rounds, values, marker="o", label=suite)
+    axes.set_xticks(rounds)
+    axes.set_xlabel("round")
+    axes.set_ylabel("accuracy (active model)")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=7, ncol=2)
+    axes.set_title(f"{run.model}, {run.method}" + ("" if run.replay and run.gate else " (ablation)"))
+    figure.savefig(out)
+
+
+def table(run: SelfImprovementRun) -> str:
+    head = ["round", "decision", *SUITES, "ref CE", "collect s", "train s", "eval s", "solved/attempts"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    for r in run.rounds:
+        cells = [str(r.round), r.decision]
+        cells += [f"{r.active[s]:.2f}" if s in r.active else "–" for s in SUITES]
+        cells += [f"{r.reference_ce:.3f}" if r.reference_ce is not None else "–",
+                  f"{r.seconds.collect:.0f}", f"{r.seconds.train:.0f}", f"{r.seconds.evaluate:.0f}",
+                  f"{r.solved_attempts}/{r.attempts}" if r.attempts else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/self_improvement")
+    runs = {path.stem: SelfImprovementRun.model_validate_json(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    for name, run in runs.items():
+        _plot(run, folder / f"{name}.png")
+        print(f"### {name}\n\n{table(run)}\n\n![{name}](self_improvement/{name}.png)\n")
+    combined = {name: run.model_dump(mode="json") for name, run in runs.items()}
+    (folder.parent / "self_improvement.json").write_text(json.dumps(combined, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
