@@ -9,7 +9,7 @@ from selftune.agent.loop import Agent
 from selftune.settings import RegressionSuite
 from selftune.tuning.report import SuiteResult
 
-__all__ = ["SuiteResult", "evaluate_goals", "evaluate_regression_suites"]
+__all__ = ["SuiteResult", "bfcl_suite", "evaluate_goals", "evaluate_regression_suites"]
 
 
 def evaluate_goals(agent: Agent, goals: list[GoalSpec], name: str = "heldout") -> SuiteResult:
@@ -26,15 +26,20 @@ def evaluate_goals(agent: Agent, goals: list[GoalSpec], name: str = "heldout") -
                        seconds=round(seconds, 2))
 
 
-def evaluate_regression_suites(chat: Any, suites: list[RegressionSuite], seed: int = 0) -> dict[str, SuiteResult]:
-    """Constrained BFCL accuracy of ``chat`` (its active adapter) on each suite, keyed ``bfcl:<category>``."""
+def bfcl_suite(chat: Any, name: str, category: str, **options: Any) -> SuiteResult:
+    """Constrained BFCL accuracy of ``chat`` (its active adapter) on ``category`` as the suite ``name``;
+    ``options`` go to :func:`selftune.bfcl.harness.evaluate_category` (limit, seed, ids, exemplars)."""
     from selftune.bfcl.harness import evaluate_category
 
-    results = {}
-    for suite in suites:
-        result = evaluate_category(chat, suite.category, limit=suite.limit, seed=seed, constrained=True)
-        name = f"bfcl:{suite.category}"
-        results[name] = SuiteResult(name=name, accuracy=result.accuracy, n=result.n,
-                                    passed=sum(record.valid for record in result.records),
-                                    seconds=round(sum(record.latency_s for record in result.records), 2))
-    return results
+    result = evaluate_category(chat, category, constrained=True, **options)
+    return SuiteResult(name=name, accuracy=result.accuracy, n=result.n,
+                       passed=sum(record.valid for record in result.records),
+                       seconds=round(sum(record.latency_s for record in result.records), 2))
+
+
+def evaluate_regression_suites(chat: Any, suites: list[RegressionSuite], seed: int = 0) -> dict[str, SuiteResult]:
+    """Each suite's accuracy under ``chat``'s active adapter, keyed ``bfcl:<category>``."""
+    return {
+        f"bfcl:{suite.category}": bfcl_suite(chat, f"bfcl:{suite.category}", suite.category, limit=suite.limit, seed=seed)
+        for suite in suites
+    }

@@ -27,9 +27,11 @@ timed.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,14 @@ from selftune.agent.models import load_causal_lm
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl import load_category
-from selftune.bfcl.harness import build_messages, evaluate_category, score_reply
+from selftune.bfcl.harness import build_messages, score_reply
 from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
 from selftune.memory.vector import VectorMemory
 from selftune.settings import PROJECT_ROOT, Settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
 from selftune.tuning.dataset import build_examples
+from selftune.tuning.evaluate import bfcl_suite
 from selftune.tuning.pipeline import gate
 from selftune.tuning.replay import load_replay_file, mix_replay
 from selftune.tuning.report import SuiteResult
@@ -157,20 +160,31 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
 
 def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
               exemplars: Any = None) -> dict[str, SuiteResult]:
-    suites: dict[str, SuiteResult] = {}
-    for category, ids in split.heldout.items():
-        result = evaluate_category(chat, category, ids=ids, constrained=True, exemplars=exemplars)
-        suites[f"{HELDOUT}:{category}"] = SuiteResult(name=f"{HELDOUT}:{category}", accuracy=result.accuracy,
-                                                      n=result.n, passed=sum(r.valid for r in result.records))
+    suites = {f"{HELDOUT}:{category}": bfcl_suite(chat, f"{HELDOUT}:{category}", category, ids=ids,
+                                                  exemplars=exemplars)
+              for category, ids in split.heldout.items()}
     for category in UNTRAINED_SUITES:
-        result = evaluate_category(chat, category, limit=eval_limit, seed=seed, constrained=True,
-                                   exemplars=exemplars)
-        suites[category] = SuiteResult(name=category, accuracy=result.accuracy, n=result.n,
-                                       passed=sum(r.valid for r in result.records))
+        suites[category] = bfcl_suite(chat, category, category, limit=eval_limit, seed=seed, exemplars=exemplars)
     passed = sum(suites[f"{HELDOUT}:{c}"].passed for c in split.heldout)
     n = sum(suites[f"{HELDOUT}:{c}"].n for c in split.heldout)
     suites[HELDOUT] = SuiteResult(name=HELDOUT, accuracy=passed / n if n else 0.0, n=n, passed=passed)
     return suites
+
+
+def _local_chat(settings: Settings) -> LocalChatModel:
+    model, tokenizer = load_causal_lm(settings.model.name, settings.model_cache, settings.model.dtype)
+    if settings.model.threads:
+        torch.set_num_threads(settings.model.threads)
+    return LocalChatModel(model=model, tokenizer=tokenizer, model_id=settings.model.name)
+
+
+@contextlib.contextmanager
+def _work_dir(work_dir: Path | None) -> Iterator[Path]:
+    if work_dir is not None:
+        yield Path(work_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="selftune-self-improvement-") as scratch:
+        yield Path(scratch)
 
 
 def run_self_improvement(
@@ -189,86 +203,78 @@ def run_self_improvement(
     """Run the benchmark on ``settings.model`` with ``settings.tuning`` (method, LoRA/prompt options)."""
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
     tuning = settings.tuning
-    model, tokenizer = load_causal_lm(settings.model.name, settings.model_cache, settings.model.dtype)
-    if settings.model.threads:
-        torch.set_num_threads(settings.model.threads)
-    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=settings.model.name)
+    chat = _local_chat(settings)
+    model, tokenizer = chat.model, chat.tokenizer
     reference = tuning.reference_file.read_text()
     general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit)
-    scratch = tempfile.TemporaryDirectory(prefix="selftune-self-improvement-") if work_dir is None else None
-    root = Path(work_dir or scratch.name)
-    try:
+    with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
-        with EpisodeStore(root / "episodes.sqlite3") as store:
+        start = time.perf_counter()
+        active = _evaluate(chat, split, eval_limit, tuning.seed)
+        active_ce = chat.cross_entropy(reference)
+        run.rounds.append(BenchRound(
+            round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
+            active={k: v.accuracy for k, v in active.items()}, reference_ce=active_ce,
+            seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+        if on_round:
+            on_round(run)
+        for number in range(1, rounds + 1):
+            seconds = PhaseSeconds()
             start = time.perf_counter()
-            active = _evaluate(chat, split, eval_limit, tuning.seed)
-            active_ce = chat.cross_entropy(reference)
-            run.rounds.append(BenchRound(
-                round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
-                active={k: v.accuracy for k, v in active.items()}, reference_ce=active_ce,
-                seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+            total, solved = _collect(store, chat, split, attempts, temperature)
+            seconds.collect = round(time.perf_counter() - start, 1)
+
+            start = time.perf_counter()
+            selection = select_episodes(store, tuning)
+            earlier = ([store.get(i) for e in registry.list() if e.status == "promoted" for i in e.trained_on]
+                       if replay else [])
+            episodes, mix = mix_replay(selection.selected, earlier, general,
+                                       tuning.replay_ratio if replay else 0.0, tuning.replay_general_share,
+                                       tuning.seed + number)
+            examples = build_examples(episodes, tokenizer, tuning.max_seq_len)
+            result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
+                                selected=len(selection.selected), replayed=mix.earlier + mix.general)
+            if not examples:
+                result.reason = "no episode solved"
+                result.active = {k: v.accuracy for k, v in active.items()}
+                result.seconds = seconds
+                run.rounds.append(result)
+                continue
+            previous = registry.active_path()
+            version, out_dir = registry.allocate()
+            chat.use_adapter(None)
+            train_adapter(model, tokenizer, examples, tuning, out_dir)
+            seconds.train = round(time.perf_counter() - start, 1)
+
+            start = time.perf_counter()
+            chat.use_adapter(out_dir, version)
+            candidate = _evaluate(chat, split, eval_limit, tuning.seed)
+            candidate_ce = chat.cross_entropy(reference)
+            seconds.evaluate = round(time.perf_counter() - start, 1)
+            regressions = [(active[name], candidate[name], regression_tolerance) for name in UNTRAINED_SUITES]
+            decision, reason = gate(active[HELDOUT], candidate[HELDOUT], tuning.promote_margin, active_ce,
+                                    candidate_ce, tuning.reference_tolerance, regressions)
+            if not use_gate:
+                decision, reason = "promoted", f"gate off ({decision}: {reason})"
+            registry.register(AdapterVersion(
+                version=version, method=tuning.method, base_model=settings.model.name, path=out_dir,
+                metrics={HELDOUT + "_after": candidate[HELDOUT].accuracy},
+                trained_on=[e.id for e in episodes if e.origin != "replay"]))
+            if decision == "promoted":
+                registry.promote(version, reason)
+                active, active_ce = candidate, candidate_ce
+            else:
+                registry.reject(version, reason)
+                chat.use_adapter(previous)
+            result.decision, result.reason = decision, reason
+            result.candidate = {k: v.accuracy for k, v in candidate.items()}
+            result.active = {k: v.accuracy for k, v in active.items()}
+            result.reference_ce, result.seconds = candidate_ce, seconds
+            run.rounds.append(result)
             if on_round:
                 on_round(run)
-            for number in range(1, rounds + 1):
-                seconds = PhaseSeconds()
-                start = time.perf_counter()
-                total, solved = _collect(store, chat, split, attempts, temperature)
-                seconds.collect = round(time.perf_counter() - start, 1)
-
-                start = time.perf_counter()
-                selection = select_episodes(store, tuning)
-                earlier = ([store.get(i) for e in registry.list() if e.status == "promoted" for i in e.trained_on]
-                           if replay else [])
-                episodes, mix = mix_replay(selection.selected, earlier, general,
-                                           tuning.replay_ratio if replay else 0.0, tuning.replay_general_share,
-                                           tuning.seed + number)
-                examples = build_examples(episodes, tokenizer, tuning.max_seq_len)
-                result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
-                                    selected=len(selection.selected), replayed=mix.earlier + mix.general)
-                if not examples:
-                    result.reason = "no episode solved"
-                    result.active = {k: v.accuracy for k, v in active.items()}
-                    result.seconds = seconds
-                    run.rounds.append(result)
-                    continue
-                previous = registry.active_path()
-                version, out_dir = registry.allocate()
-                chat.use_adapter(None)
-                train_adapter(model, tokenizer, examples, tuning, out_dir)
-                seconds.train = round(time.perf_counter() - start, 1)
-
-                start = time.perf_counter()
-                chat.use_adapter(out_dir, version)
-                candidate = _evaluate(chat, split, eval_limit, tuning.seed)
-                candidate_ce = chat.cross_entropy(reference)
-                seconds.evaluate = round(time.perf_counter() - start, 1)
-                regressions = [(active[name], candidate[name], regression_tolerance) for name in UNTRAINED_SUITES]
-                decision, reason = gate(active[HELDOUT], candidate[HELDOUT], tuning.promote_margin, active_ce,
-                                        candidate_ce, tuning.reference_tolerance, regressions)
-                if not use_gate:
-                    decision, reason = "promoted", f"gate off ({decision}: {reason})"
-                registry.register(AdapterVersion(
-                    version=version, method=tuning.method, base_model=settings.model.name, path=out_dir,
-                    metrics={HELDOUT + "_after": candidate[HELDOUT].accuracy},
-                    trained_on=[e.id for e in episodes if e.origin != "replay"]))
-                if decision == "promoted":
-                    registry.promote(version, reason)
-                    active, active_ce = candidate, candidate_ce
-                else:
-                    registry.reject(version, reason)
-                    chat.use_adapter(previous)
-                result.decision, result.reason = decision, reason
-                result.candidate = {k: v.accuracy for k, v in candidate.items()}
-                result.active = {k: v.accuracy for k, v in active.items()}
-                result.reference_ce, result.seconds = candidate_ce, seconds
-                run.rounds.append(result)
-                if on_round:
-                    on_round(run)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
     return run
 
 
@@ -302,33 +308,24 @@ def run_fewshot_baseline(
 ) -> SelfImprovementRun:
     """Base evaluation, one collection round, then evaluation with ``shots`` retrieved exemplars."""
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
-    model, tokenizer = load_causal_lm(settings.model.name, settings.model_cache, settings.model.dtype)
-    if settings.model.threads:
-        torch.set_num_threads(settings.model.threads)
-    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=settings.model.name)
+    chat = _local_chat(settings)
     run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
                              attempts=attempts, eval_limit=eval_limit)
-    scratch = tempfile.TemporaryDirectory(prefix="selftune-fewshot-") if work_dir is None else None
-    root = Path(work_dir or scratch.name)
-    try:
-        with EpisodeStore(root / "episodes.sqlite3") as store:
-            start = time.perf_counter()
-            base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
-            run.rounds.append(BenchRound(round=0, decision="base", candidate=base, active=base,
-                                         seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
-            seconds = PhaseSeconds()
-            start = time.perf_counter()
-            total, solved = _collect(store, chat, split, attempts, temperature)
-            memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
-            exemplars = _exemplar_memory(store, memory, shots)
-            seconds.collect = round(time.perf_counter() - start, 1)
-            start = time.perf_counter()
-            shot = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed, exemplars).items()}
-            seconds.evaluate = round(time.perf_counter() - start, 1)
-            run.rounds.append(BenchRound(round=1, decision="baseline", reason=f"{shots} retrieved exemplars",
-                                         candidate=shot, active=shot, attempts=total, solved_attempts=solved,
-                                         seconds=seconds))
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
+        start = time.perf_counter()
+        base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
+        run.rounds.append(BenchRound(round=0, decision="base", candidate=base, active=base,
+                                     seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+        seconds = PhaseSeconds()
+        start = time.perf_counter()
+        total, solved = _collect(store, chat, split, attempts, temperature)
+        memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
+        exemplars = _exemplar_memory(store, memory, shots)
+        seconds.collect = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        shot = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed, exemplars).items()}
+        seconds.evaluate = round(time.perf_counter() - start, 1)
+        run.rounds.append(BenchRound(round=1, decision="baseline", reason=f"{shots} retrieved exemplars",
+                                     candidate=shot, active=shot, attempts=total, solved_attempts=solved,
+                                     seconds=seconds))
     return run
