@@ -50,6 +50,7 @@ def test_real_model_goal_events_tune_report_and_hot_swap(tmp_path, model_cache):
         "SELFTUNE_TUNING__MAX_SEQ_LEN": "1536", "SELFTUNE_TUNING__HELDOUT_FILE": str(heldout),
         "SELFTUNE_TUNING__LORA_TARGET_MODULES": json.dumps(["q_proj", "v_proj"]),
         "SELFTUNE_TUNING__PROMOTE_MARGIN": "-1.0",  # promote whatever comes out: this test is about the plumbing
+        "SELFTUNE_TUNING__REGRESSION_SUITES": "[]",
     }).start(timeout=300)
     try:
         goal_id = daemon.submit("What is 2+3? Use the calculator.", verifier={"kind": "number", "expected": "5"})
