@@ -553,6 +553,8 @@ def bench_self_improvement(
     rounds: Annotated[int, typer.Option(min=1, help="Collect-tune-gate rounds after the base evaluation.")] = 3,
     attempts: Annotated[int, typer.Option(min=1, help="Attempts per train goal per round (first greedy).")] = 4,
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
+    abstain_goals: Annotated[int, typer.Option(min=0, help="Abstention goals (train questions offered "
+                                               "unrelated functions) collected each round.")] = 10,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Ablation: replay nothing.")] = False,
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Ablation: promote every candidate.")] = False,
     fewshot: Annotated[Optional[int], typer.Option(min=1, help="Baseline instead of tuning: this many retrieved "
@@ -578,10 +580,12 @@ def bench_self_improvement(
             out.write_text(run.model_dump_json(indent=1))
 
     if fewshot is not None:
-        run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot, work_dir=work_dir)
+        run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot,
+                                   abstain_goals=abstain_goals, work_dir=work_dir)
     else:
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
-                                   replay=not no_replay, use_gate=not no_gate, work_dir=work_dir, on_round=save)
+                                   replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
+                                   work_dir=work_dir, on_round=save)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

@@ -14,10 +14,12 @@ from selftune.bench.self_improvement import (
     TRAIN_CATEGORIES,
     UNTRAINED_SUITES,
     Split,
+    abstention_goals,
     make_split,
     run_fewshot_baseline,
     run_self_improvement,
 )
+from selftune.bfcl import load_category
 from selftune.memory.episodes import EpisodeStore
 from selftune.settings import load_settings
 
@@ -30,6 +32,22 @@ def test_committed_split_is_the_seeded_split_and_disjoint() -> None:
         assert len(train) == 40 and len(heldout) == 30 and not train & heldout
 
 
+def test_abstention_goals_offer_another_categorys_functions_and_want_no_call() -> None:
+    from selftune.bfcl import check
+
+    split = make_split(0)
+    goals = abstention_goals(split, 10)
+    assert len(goals) == 10 and len({q.id for q, _ in goals}) == 10
+    train = {q.id: q for category in TRAIN_CATEGORIES for q, _ in load_category(category)
+             if q.id in split.train[category]}
+    for goal, answer in goals:
+        original = train[goal.id.removesuffix("~none")]
+        assert answer is None and goal.category == "irrelevance" and goal.messages == original.messages
+        assert {f["name"] for f in goal.functions}.isdisjoint({f["name"] for f in original.functions})
+        assert check(goal, None, []).valid and not check(goal, None, [(goal.functions[0]["name"], {})]).valid
+    assert abstention_goals(split, 0) == []
+
+
 def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, tmp_path: Path) -> None:
     split = Split(seed=0, train={"simple_python": make_split(0).train["simple_python"][:2]},
                   heldout={"simple_python": make_split(0).heldout["simple_python"][:1]})
@@ -37,13 +55,13 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
         data_dir=tmp_path / "data", model_cache=model_cache, model={"name": "smollm2-135m-instruct"},
         tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0, "lora_target_modules": ["q_proj", "v_proj"]})
     seen = []
-    run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, split=split, work_dir=tmp_path / "work",
-                               on_round=lambda r: seen.append(len(r.rounds)))
+    run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, split=split,
+                               work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
     assert seen == [1, 2]
     base, first = run.rounds
     suites = {f"{HELDOUT}:simple_python", HELDOUT, *UNTRAINED_SUITES}
     assert base.decision == "base" and set(base.active) == suites and base.reference_ce > 0
-    assert first.attempts == 4 and 0 <= first.solved_attempts <= 4 and first.selected >= 1
+    assert first.attempts == 6 and 0 <= first.solved_attempts <= 6 and first.selected >= 1  # 2 goals + 1 abstention
     assert first.replayed >= 1  # general/abstention conversations mixed in
     assert first.decision in ("promoted", "rejected") and "held-out accuracy" in first.reason
     assert set(first.candidate) == suites and first.seconds.collect > 0 and first.seconds.train > 0
@@ -53,7 +71,8 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
 
     with EpisodeStore(tmp_path / "work" / "episodes.sqlite3") as store:
         episodes = store.scored(min_score=0.0)
-    assert len(episodes) == 4 and all(e.origin == "bfcl-train" for e in episodes)
+    assert len(episodes) == 6 and all(e.origin == "bfcl-train" for e in episodes)
+    assert sum("~none:" in e.goal for e in episodes) == 2
     assert all(e.rewards[0].source == "verifier" for e in episodes)
     assert not any(split.heldout["simple_python"][0] + ":" in e.goal for e in episodes)  # held-out never collected
     registry = json.loads((tmp_path / "work" / "adapters" / "registry.json").read_text())
@@ -74,7 +93,8 @@ def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path
                   heldout={"multiple": make_split(0).heldout["multiple"][:1]})
     settings = load_settings(data_dir=tmp_path / "data", model_cache=model_cache,
                              model={"name": "smollm2-135m-instruct"})
-    run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, split=split, work_dir=tmp_path / "work")
+    run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, abstain_goals=0, split=split,
+                               work_dir=tmp_path / "work")
     base, shot = run.rounds
     assert (base.decision, shot.decision, run.method) == ("base", "baseline", "fewshot-1")
     assert set(shot.candidate) == set(base.candidate) and shot.attempts == 2

@@ -6,9 +6,10 @@ BFCL questions are the goals and BFCL's checker is the verifier reward. A commit
 multiple questions are trained on and which are held out. Round 0 evaluates the base model;
 each later round then
 
-1. **collects**: every train goal is attempted ``attempts`` times with the active adapter
-   through the constrained tool-call path (the first attempt greedy, the others sampled) and
-   stored as an episode (prompt, call) with a verifier reward of 1 or 0;
+1. **collects**: every train goal, and ``abstain_goals`` abstention goals made from train
+   questions (:func:`abstention_goals`), is attempted ``attempts`` times with the active
+   adapter through the constrained tool-call path (the first attempt greedy, the others
+   sampled) and stored as an episode (prompt, call) with a verifier reward of 1 or 0;
 2. **tunes**: the production pieces, as ``selftune tune`` runs them: episode selection, replay
    mixing (earlier promoted episodes and ``configs/replay.jsonl``), training from the base
    weights;
@@ -43,7 +44,7 @@ from selftune.agent.generation import generate
 from selftune.agent.models import load_causal_lm
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
-from selftune.bfcl import load_category
+from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages, score_reply
 from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
@@ -59,8 +60,8 @@ from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
 __all__ = [
-    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "make_split", "run_fewshot_baseline",
-    "run_self_improvement",
+    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "make_split",
+    "run_fewshot_baseline", "run_self_improvement",
 ]
 
 SPLIT_FILE = PROJECT_ROOT / "configs" / "self_improvement_split.json"
@@ -145,16 +146,37 @@ def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, an
     return result.valid
 
 
-def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float) -> tuple[int, int]:
-    total = solved = 0
+def _train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None]]:
+    questions = []
     for category, ids in split.train.items():
         wanted = set(ids)
-        for question, answer in load_category(category):
-            if question.id not in wanted:
-                continue
-            for attempt in range(attempts):
-                solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
-                total += 1
+        questions += [(question, answer) for question, answer in load_category(category) if question.id in wanted]
+    return questions
+
+
+def abstention_goals(split: Split, count: int) -> list[tuple[BfclQuestion, None]]:
+    """``count`` train questions offered the functions of another train question (from the other half
+    of the list, so the other category): no function fits, and the right reply is the no-call answer.
+    Abstention is learned from the model's own verified refusals, never from BFCL's irrelevance data."""
+    questions = [question for question, _ in _train_questions(split)]
+    if count <= 0 or len(questions) < 2:
+        return []
+    half, step = len(questions) // 2, max(1, len(questions) // count)
+    goals = []
+    for index in range(0, len(questions), step)[:count]:
+        question, other = questions[index], questions[(index + half) % len(questions)]
+        goals.append((question.model_copy(update={
+            "id": f"{question.id}~none", "category": "irrelevance", "functions": other.functions}), None))
+    return goals
+
+
+def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
+             abstain_goals: int) -> tuple[int, int]:
+    total = solved = 0
+    for question, answer in _train_questions(split) + abstention_goals(split, abstain_goals):
+        for attempt in range(attempts):
+            solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
+            total += 1
     return total, solved
 
 
@@ -196,6 +218,7 @@ def run_self_improvement(
     replay: bool = True,
     use_gate: bool = True,
     regression_tolerance: float = 0.02,
+    abstain_goals: int = 10,
     split: Split | None = None,
     work_dir: Path | None = None,
     on_round: Any = None,
@@ -223,7 +246,7 @@ def run_self_improvement(
         for number in range(1, rounds + 1):
             seconds = PhaseSeconds()
             start = time.perf_counter()
-            total, solved = _collect(store, chat, split, attempts, temperature)
+            total, solved = _collect(store, chat, split, attempts, temperature, abstain_goals)
             seconds.collect = round(time.perf_counter() - start, 1)
 
             start = time.perf_counter()
@@ -303,6 +326,7 @@ def run_fewshot_baseline(
     temperature: float = 0.7,
     eval_limit: int = 50,
     shots: int = 2,
+    abstain_goals: int = 10,
     split: Split | None = None,
     work_dir: Path | None = None,
 ) -> SelfImprovementRun:
@@ -318,7 +342,7 @@ def run_fewshot_baseline(
                                      seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
         seconds = PhaseSeconds()
         start = time.perf_counter()
-        total, solved = _collect(store, chat, split, attempts, temperature)
+        total, solved = _collect(store, chat, split, attempts, temperature, abstain_goals)
         memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
         exemplars = _exemplar_memory(store, memory, shots)
         seconds.collect = round(time.perf_counter() - start, 1)
