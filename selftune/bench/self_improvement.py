@@ -119,6 +119,7 @@ class SelfImprovementRun(BaseModel):
     gate: bool
     attempts: int
     eval_limit: int
+    abstain_goals: int = 0
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -231,7 +232,7 @@ def run_self_improvement(
     reference = tuning.reference_file.read_text()
     general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
-                             attempts=attempts, eval_limit=eval_limit)
+                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
@@ -334,7 +335,7 @@ def run_fewshot_baseline(
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
     chat = _local_chat(settings)
     run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
-                             attempts=attempts, eval_limit=eval_limit)
+                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         start = time.perf_counter()
         base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
