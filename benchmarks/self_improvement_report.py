@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/self_improvement_report.py docs/self_improvement
 
 Reads every ``selftune bench self-improvement --out`` file in the folder, writes one plot per run
-(``<run>.png``: accuracy of the active model per suite across rounds) and
+(``<run>.png``: accuracy of each round's model per suite; hollow markers: rejected candidates) and
 ``docs/self_improvement.json`` (all runs), and prints a Markdown table per run.
 """
 
@@ -25,12 +25,15 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes = figure.add_subplot()
     rounds = [r.round for r in run.rounds]
     for suite in SUITES:
-        values = [r.active.get(suite) for r in run.rounds]
+        values = [r.candidate.get(suite) for r in run.rounds]
         if all(v is not None for v in values):
-            axes.plot(rounds, values, marker="o", label=suite)
+            line, = axes.plot(rounds, values, marker="o", label=suite)
+            kept = [(r.round, r.candidate[suite]) for r in run.rounds if r.decision not in ("base", "promoted")]
+            if kept:  # rejected candidates: hollow markers
+                axes.scatter(*zip(*kept), s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
     axes.set_xticks(rounds)
     axes.set_xlabel("round")
-    axes.set_ylabel("accuracy (active model)")
+    axes.set_ylabel("accuracy (round's candidate)")
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7, ncol=2)
     axes.set_title(f"{run.model}, {run.method}" + ("" if run.replay and run.gate else " (ablation)"))
@@ -42,7 +45,7 @@ def table(run: SelfImprovementRun) -> str:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for r in run.rounds:
         cells = [str(r.round), r.decision]
-        cells += [f"{r.active[s]:.2f}" if s in r.active else "–" for s in SUITES]
+        cells += [f"{r.candidate[s]:.2f}" if s in r.candidate else "–" for s in SUITES]
         cells += [f"{r.reference_ce:.3f}" if r.reference_ce is not None else "–",
                   f"{r.seconds.collect:.0f}", f"{r.seconds.train:.0f}", f"{r.seconds.evaluate:.0f}",
                   f"{r.solved_attempts}/{r.attempts}" if r.attempts else "–"]
