@@ -99,8 +99,7 @@ def greedy_decode(
         room = max_new_tokens - generated
         draft = processor.forced_after(token)[:room] if jump_forward else []
         if lookup_tokens and len(draft) < room:
-            guess = ids + draft
-            draft += lookup_draft(guess, lookup_ngram, min(lookup_tokens, room - len(draft)))
+            draft += lookup_draft(ids + draft, lookup_ngram, min(lookup_tokens, room - len(draft)))
         stats.drafted_tokens += len(draft)
         logits = forward([token] + draft, len(draft) + 1)
         token, ended = pick(logits[0]), False
