@@ -579,13 +579,19 @@ def bench_self_improvement(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(run.model_dump_json(indent=1))
 
+    def progress(run) -> None:
+        last = run.rounds[-1]
+        typer.echo(f"round {last.round}: {last.decision}; held-out {last.candidate.get('heldout', 0.0):.2f}, "
+                   f"irrelevance {last.candidate.get('irrelevance', 0.0):.2f}; {last.seconds}", err=True)
+        save(run)
+
     if fewshot is not None:
         run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot,
                                    abstain_goals=abstain_goals, work_dir=work_dir)
     else:
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
-                                   work_dir=work_dir, on_round=save)
+                                   work_dir=work_dir, on_round=progress)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 
