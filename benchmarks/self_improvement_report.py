@@ -36,7 +36,9 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes.set_ylabel("accuracy (round's candidate)")
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7, ncol=2)
-    axes.set_title(f"{run.model}, {run.method}" + ("" if run.replay and run.gate else " (ablation)"))
+    extra = (f", {run.abstain_goals} abstention goals" if run.abstain_goals else "") + (
+        "" if run.replay and run.gate else " (ablation)")
+    axes.set_title(f"{run.model}, {run.method}{extra}")
     figure.savefig(out)
 
 
