@@ -22,13 +22,13 @@ from pydantic import BaseModel
 
 from selftune.agent.goals import load_goals
 from selftune.agent.local_chat import LocalChatModel
-from selftune.memory.records import Episode, utc_now
+from selftune.memory.records import utc_now
 from selftune.runtime import Runtime
 from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
-from selftune.tuning.replay import load_replay_file, mix_replay
+from selftune.tuning.replay import earlier_training_data, load_replay_file, mix_replay
 from selftune.tuning.report import SuiteResult, TuningReport, write_report
 from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
@@ -99,7 +99,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     if not isinstance(chat, LocalChatModel):
         return finish("skipped", "tuning needs a local model; the configured one is served remotely")
     general = load_replay_file(tuning.replay_file) if tuning.replay_file else []
-    episodes, replay = mix_replay(selection.selected, _earlier_training_data(runtime), general,
+    episodes, replay = mix_replay(selection.selected, earlier_training_data(runtime.adapters, runtime.store), general,
                                   tuning.replay_ratio, tuning.replay_general_share, tuning.seed)
     report.replay = replay
     examples = build_examples(episodes, chat.tokenizer, tuning.max_seq_len)
@@ -143,18 +143,6 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                   eval_before={"heldout": before, **suites_before}, eval_after={"heldout": after, **suites_after},
                   reference_ce_before=reference_before, reference_ce_after=reference_after,
                   history=_history(runtime))
-
-
-def _earlier_training_data(runtime: Runtime) -> list[Episode]:
-    """Stored episodes that trained a promoted adapter (the replay pool of earlier data)."""
-    ids = dict.fromkeys(i for entry in runtime.adapters.list() if entry.status == "promoted" for i in entry.trained_on)
-    episodes = []
-    for episode_id in ids:
-        try:
-            episodes.append(runtime.store.get(episode_id))
-        except KeyError:  # deleted from the store since: nothing to replay
-            continue
-    return episodes
 
 
 def _history(runtime: Runtime) -> list[tuple[str, float]]:

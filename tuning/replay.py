@@ -21,9 +21,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import ChatMessage, Episode, Step
+from selftune.tuning.adapters import AdapterRegistry
 
-__all__ = ["ReplayMix", "load_replay_file", "mix_replay"]
+__all__ = ["ReplayMix", "earlier_training_data", "load_replay_file", "mix_replay"]
 
 _KINDS = {"system": "system", "user": "instruction", "assistant": "answer"}
 
@@ -93,3 +95,15 @@ def mix_replay(
     mix = ReplayMix(new=len(new), earlier=n_earlier, general=n_general, ratio=ratio,
                     earlier_ids=[e.id for e in from_earlier], general_ids=[e.id for e in from_general])
     return new + from_earlier + from_general, mix
+
+
+def earlier_training_data(registry: AdapterRegistry, store: EpisodeStore) -> list[Episode]:
+    """Stored episodes that trained a promoted adapter (the replay pool of earlier data)."""
+    ids = dict.fromkeys(i for entry in registry.list() if entry.status == "promoted" for i in entry.trained_on)
+    episodes = []
+    for episode_id in ids:
+        try:
+            episodes.append(store.get(episode_id))
+        except KeyError:  # deleted from the store since: nothing to replay
+            continue
+    return episodes

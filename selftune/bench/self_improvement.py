@@ -54,7 +54,7 @@ from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import bfcl_suite
 from selftune.tuning.pipeline import gate
-from selftune.tuning.replay import load_replay_file, mix_replay
+from selftune.tuning.replay import earlier_training_data, load_replay_file, mix_replay
 from selftune.tuning.report import SuiteResult
 from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
@@ -252,8 +252,7 @@ def run_self_improvement(
 
             start = time.perf_counter()
             selection = select_episodes(store, tuning)
-            earlier = ([store.get(i) for e in registry.list() if e.status == "promoted" for i in e.trained_on]
-                       if replay else [])
+            earlier = earlier_training_data(registry, store) if replay else []
             episodes, mix = mix_replay(selection.selected, earlier, general,
                                        tuning.replay_ratio if replay else 0.0, tuning.replay_general_share,
                                        tuning.seed + number)
