@@ -555,6 +555,10 @@ def bench_self_improvement(
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
     abstain_goals: Annotated[int, typer.Option(min=0, help="Abstention goals (train questions offered "
                                                "unrelated functions) collected each round.")] = 10,
+    kl_weight: Annotated[Optional[float], typer.Option(min=0.0, help="KL-to-base weight on replayed "
+                                                       "conversations (default from config).")] = None,
+    continue_active: Annotated[bool, typer.Option("--continue", help="Start each candidate from the active "
+                                                  "adapter instead of the base weights.")] = False,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Ablation: replay nothing.")] = False,
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Ablation: promote every candidate.")] = False,
     fewshot: Annotated[Optional[int], typer.Option(min=1, help="Baseline instead of tuning: this many retrieved "
@@ -573,6 +577,9 @@ def bench_self_improvement(
             settings.tuning.method = get_method(method).name  # type: ignore[assignment]
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--method") from None
+    if kl_weight is not None:
+        settings.tuning.kl_weight = kl_weight
+    settings.tuning.continue_from_active |= continue_active
 
     def save(run) -> None:
         if out is not None:

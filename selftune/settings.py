@@ -168,6 +168,12 @@ class TuningSettings(StrictModel):
     replay_file: Path | None = Field(
         PROJECT_ROOT / "configs" / "replay.jsonl",
         description="General-language and abstention conversations (JSON lines) replayed in every round; None: none.")
+    kl_weight: float = Field(
+        0.0, ge=0.0, description="Weight of KL(base || candidate) on the assistant tokens of replay-file conversations: "
+                                 "keeps general and abstention replies near the base model's (0 = off).")
+    continue_from_active: bool = Field(
+        False, description="Start the candidate from the active adapter's weights instead of the base weights "
+                           "(same method only); the default retrains from base on the cumulative buffer.")
     seed: int = 0
 
 

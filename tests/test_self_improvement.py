@@ -53,11 +53,12 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
                   heldout={"simple_python": make_split(0).heldout["simple_python"][:1]})
     settings = load_settings(
         data_dir=tmp_path / "data", model_cache=model_cache, model={"name": "smollm2-135m-instruct"},
-        tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0, "lora_target_modules": ["q_proj", "v_proj"]})
+        tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0, "lora_target_modules": ["q_proj", "v_proj"],
+                "kl_weight": 1.0})
     seen = []
     run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, split=split,
                                work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
-    assert seen == [1, 2] and run.abstain_goals == 1
+    assert seen == [1, 2] and run.abstain_goals == 1 and run.kl_weight == 1.0
     base, first = run.rounds
     suites = {f"{HELDOUT}:simple_python", HELDOUT, *UNTRAINED_SUITES}
     assert base.decision == "base" and set(base.active) == suites and base.reference_ce > 0

@@ -273,6 +273,90 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_base_untouched(method,
     assert torch.equal(_logits(model, inputs), base)
 
 
+def _replay_episode(i: int) -> Episode:
+    """A replay-file conversation (origin "replay"): an answer the base model would not give."""
+    episode = _episode(f"replay{i}", [
+        (ChatMessage(role="user", content=f"Say a word for number {i}."), False),
+        (ChatMessage(role="assistant", content=f"zebra quartz {i} zebra quartz"), True),
+    ])
+    return episode.model_copy(update={"origin": "replay"})
+
+
+def test_replay_examples_are_marked_for_distillation(tokenizer):
+    examples = build_examples([_tool_episode(1), _replay_episode(1)], tokenizer, max_seq_len=256)
+    assert [example.distill for example in examples] == [False, True]
+
+
+def test_kl_to_base_is_zero_for_an_unmoved_adapter_and_counts_only_distilled_rows(model, tokenizer, tmp_path):
+    examples = build_examples([_replay_episode(1), _replay_episode(2)], tokenizer, max_seq_len=256)
+    inputs = collate(examples, tokenizer.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, METHODS["lora"].build(_settings(), None))
+    try:
+        def kl(rows: list[bool]) -> float:
+            with torch.no_grad():
+                logits = peft_model(**inputs).logits
+            return float(trainer_module._kl_to_base(peft_model, inputs, logits, torch.tensor(rows)))
+
+        assert kl([True, True]) == pytest.approx(0.0, abs=1e-3)  # LoRA starts as the identity (B = 0)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05)
+        both, first, none = kl([True, True]), kl([True, False]), kl([False, False])
+        assert both > first > 0.01 and none == 0.0
+    finally:
+        _release(peft_model)
+
+
+def _mean_kl_to_base(model, path: Path, examples: list[SFTExample], pad_token_id: int) -> float:
+    inputs = collate(examples, pad_token_id)
+    peft_model = PeftModel.from_pretrained(model, path)
+    try:
+        with torch.no_grad():
+            logits = peft_model(**inputs).logits
+            rows = torch.ones(len(examples), dtype=torch.bool)
+            return float(trainer_module._kl_to_base(peft_model, inputs, logits, rows))
+    finally:
+        _release(peft_model)
+
+
+def test_kl_weight_keeps_replayed_conversations_near_the_base(model, tokenizer, tmp_path):
+    examples = build_examples([_replay_episode(i) for i in range(4)], tokenizer, max_seq_len=256)
+    settings = _settings(max_steps=4, learning_rate=2e-3)
+    plain = train_adapter(model, tokenizer, examples, settings, tmp_path / "plain", method="lora")
+    pulled = train_adapter(model, tokenizer, examples, settings.model_copy(update={"kl_weight": 5.0}),
+                           tmp_path / "pulled", method="lora")
+
+    assert pulled.losses[0] == pytest.approx(plain.losses[0], rel=1e-3)  # the KL term is 0 at the start
+    drift = {name: _mean_kl_to_base(model, tmp_path / name, examples, tokenizer.eos_token_id)
+             for name in ("plain", "pulled")}
+    assert drift["pulled"] < 0.5 * drift["plain"]
+    assert _pristine(model) == (True, True, True, "LlamaForCausalLM")
+
+
+def test_training_can_continue_from_a_saved_adapter(model, tokenizer, tmp_path):
+    examples = build_examples([_tool_episode(i) for i in range(4)], tokenizer, max_seq_len=256)
+    inputs = _probe(tokenizer)
+    base = _logits(model, inputs)
+    train_adapter(model, tokenizer, examples, _settings(), tmp_path / "v1", method="lora")
+    first = _adapter_logits(model, tmp_path / "v1", inputs)
+    barely = _settings(max_steps=1, learning_rate=1e-9)
+
+    train_adapter(model, tokenizer, examples, barely, tmp_path / "fresh", method="lora")
+    train_adapter(model, tokenizer, examples, barely, tmp_path / "continued", method="lora", start_from=tmp_path / "v1")
+
+    assert torch.allclose(_adapter_logits(model, tmp_path / "continued", inputs), first, atol=1e-2)
+    assert torch.allclose(_adapter_logits(model, tmp_path / "fresh", inputs), base, atol=1e-2)
+    assert not torch.allclose(first, base, atol=1e-2)
+    with pytest.raises(ValueError, match="cannot continue a PROMPT_TUNING adapter .* it is LORA"):
+        train_adapter(model, tokenizer, examples, barely, tmp_path / "wrong", method="prompt", start_from=tmp_path / "v1")
+    assert not (tmp_path / "wrong").exists()
+    assert _pristine(model) == (True, True, True, "LlamaForCausalLM")
+    assert torch.equal(_logits(model, inputs), base)
+
+
 def _interrupt_on_second_optimizer_step(monkeypatch):
     calls = {"n": 0}
     original = torch.optim.AdamW.step
@@ -389,6 +473,17 @@ def test_registry_promote_reject_use_rollback(tmp_path):
     history = AdapterRegistry(tmp_path).history()
     assert [(a.version, a.action) for a in history[:3]] == [(v1, "promote"), (v2, "promote"), (v1, "rollback")]
     assert history[-1].reason == "rollback"
+
+
+def test_registry_continuation_point_is_the_active_adapter_of_the_same_method(tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    assert registry.continuation_point("lora") is None  # base model active
+    version = _add(registry)
+    registry.promote(version, "better")
+    assert registry.continuation_point("lora") == tmp_path / "adapters" / version
+    assert registry.continuation_point("prompt") is None
+    registry.use(None, "back to base")
+    assert registry.continuation_point("lora") is None
 
 
 def test_registry_best_and_latest_are_promoted_versions(tmp_path):

@@ -148,6 +148,14 @@ class AdapterRegistry:
         active = self._read().active
         return None if active is None else self.root / active
 
+    def continuation_point(self, method: str) -> Path | None:
+        """Directory of the active adapter when it was trained with ``method`` (a start for continued
+        training); None when the base model is active or the active adapter is of another method."""
+        state = self._read()
+        if state.active is None or self._entry(state, state.active).method != method:
+            return None
+        return self.root / state.active
+
     def history(self) -> list[Activation]:
         return self._read().history
 

@@ -45,6 +45,7 @@ class SFTExample(BaseModel):
     labels: list[int]
     trainable_turns: int
     cut_turns: int = 0  # trainable turns dropped because they did not fit max_seq_len
+    distill: bool = False  # a replay-file conversation: also pulled towards the base model (tuning.kl_weight)
 
     @model_validator(mode="after")
     def _same_length(self) -> SFTExample:
@@ -107,7 +108,7 @@ def build_examples(episodes: list[Episode], tokenizer: Any, max_seq_len: int) ->
         examples.append(
             SFTExample(
                 episode_id=episode.id, input_ids=ids, labels=labels,
-                trainable_turns=len(kept), cut_turns=len(spans) - len(kept),
+                trainable_turns=len(kept), cut_turns=len(spans) - len(kept), distill=episode.origin == "replay",
             )
         )
     log.info(

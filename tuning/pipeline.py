@@ -1,7 +1,7 @@
 """One self-tuning round: select -> build data -> train -> gate -> promote or reject -> report.
 
-The candidate is trained from the base weights on the selected episodes mixed with replayed
-earlier training data and general/abstention conversations (tuning/replay.py). The active
+The candidate is trained from the base weights (or, with ``tuning.continue_from_active``, from
+the active adapter's weights) on the selected episodes mixed with replayed earlier training data and general/abstention conversations (tuning/replay.py). The active
 adapter and the candidate then each run the held-out goals, score a fixed public-domain
 reference text (cross-entropy: forgetting of general language) and answer the BFCL regression
 suites (``tuning.regression_suites``: abstention, tool-call categories never trained on). The
@@ -111,10 +111,11 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     before = evaluate_goals(runtime.agent(), goals)
     reference_before = chat.cross_entropy(reference_text)
     suites_before = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
+    start_from = runtime.adapters.continuation_point(method_name) if tuning.continue_from_active else None
     version, out_dir = runtime.adapters.allocate()
     try:
-        chat.use_adapter(None, None)  # each round trains from the base weights
-        train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name)
+        chat.use_adapter(None, None)  # the base weights; a new adapter, fresh or continuing the active one
+        train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name, start_from)
         chat.use_adapter(out_dir, version)
         after = evaluate_goals(runtime.agent(sync=False), goals)
         reference_after = chat.cross_entropy(reference_text)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTuner
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -62,21 +62,39 @@ def _target_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _accumulate(
-    model: PeftModel, batch: list[SFTExample], micro_batch_size: int, pad_token_id: int, device: torch.device
-) -> torch.Tensor:
+def _kl_to_base(model: PeftModel, inputs: dict[str, torch.Tensor], logits: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+    """Summed KL(base || candidate) of the next-token distributions at the target positions of ``rows``;
+    the base distribution comes from the same forward pass with the adapter switched off."""
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    logits = logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
+    targets = (inputs["labels"][:, 1:] != IGNORE_INDEX) & rows[:, None]
+    candidate_log_probs = torch.log_softmax(logits[:, :-1][targets].float(), dim=-1)
+    base_log_probs = torch.log_softmax(base[:, :-1][targets].float(), dim=-1)
+    return torch.nn.functional.kl_div(candidate_log_probs, base_log_probs, log_target=True, reduction="sum")
+
+
+def _accumulate(model: PeftModel, batch: list[SFTExample], micro_batch_size: int, pad_token_id: int,
+                device: torch.device, kl_weight: float = 0.0) -> torch.Tensor:
     """Backward over ``batch`` in micro-batches; gradients and the returned loss equal the whole batch's
-    token-mean loss. Only one micro-batch's logits (sequence x vocabulary) are alive at a time, which is
-    what bounds peak memory on large vocabularies."""
+    token-mean loss (cross-entropy, plus ``kl_weight`` x KL to the base model on the tokens of
+    ``distill`` examples). Only one micro-batch's logits (sequence x vocabulary) are alive at a time,
+    which is what bounds peak memory on large vocabularies."""
     micro_batches = [batch[i : i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
     collated = [collate(micro, pad_token_id) for micro in micro_batches]
     total_targets = max(1, sum(_target_tokens(inputs["labels"]) for inputs in collated))
     loss_sum = torch.zeros(())
-    for inputs in collated:
-        weight = _target_tokens(inputs["labels"]) / total_targets
-        if weight == 0:
+    for micro, inputs in zip(micro_batches, collated):
+        targets = _target_tokens(inputs["labels"])
+        if targets == 0:
             continue
-        loss = model(**{k: v.to(device) for k, v in inputs.items()}).loss * weight
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        output = model(**inputs)
+        loss = output.loss * (targets / total_targets)
+        rows = torch.tensor([example.distill for example in micro], device=device)
+        if kl_weight > 0 and bool(rows.any()):
+            loss = loss + kl_weight * _kl_to_base(model, inputs, output.logits, rows) / total_targets
         loss.backward()
         loss_sum += loss.detach().float().cpu()
     return loss_sum
@@ -101,7 +119,7 @@ def _fit(
             for batch in _batches(examples, settings.batch_size, settings.seed + epoch):
                 if len(losses) == total:
                     break
-                loss = _accumulate(model, batch, settings.micro_batch_size, pad_token_id, device)
+                loss = _accumulate(model, batch, settings.micro_batch_size, pad_token_id, device, settings.kl_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {len(losses) + 1}")
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -128,6 +146,14 @@ def _save_atomically(model: PeftModel, out_dir: Path) -> int:
     return sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
 
 
+def _load_start_weights(model: PeftModel, adapter_dir: Path) -> None:
+    """Start from a saved adapter's weights; it must be of the method being trained."""
+    saved, wanted = PeftConfig.from_pretrained(str(adapter_dir)).peft_type, model.peft_config["default"].peft_type
+    if saved != wanted:
+        raise ValueError(f"cannot continue a {wanted.value} adapter from {adapter_dir}: it is {saved.value}")
+    set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)))
+
+
 def train_adapter(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -135,8 +161,10 @@ def train_adapter(
     settings: TuningSettings,
     out_dir: Path,
     method: str | None = None,
+    start_from: Path | None = None,
 ) -> TrainResult:
-    """Train a ``method`` (default ``settings.method``) adapter on ``examples`` and save it to ``out_dir``."""
+    """Train a ``method`` (default ``settings.method``) adapter on ``examples`` and save it to ``out_dir``;
+    from fresh adapter weights, or from the saved adapter ``start_from`` (continued training)."""
     spec = get_method(method or settings.method)
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel):
@@ -156,6 +184,8 @@ def train_adapter(
             with tempfile.TemporaryDirectory() as tokenizer_dir:
                 tokenizer.save_pretrained(tokenizer_dir)  # prompt tuning's text init reads it
                 peft_model = get_peft_model(model, spec.build(settings, tokenizer_dir))
+            if start_from is not None:
+                _load_start_weights(peft_model, Path(start_from))
             trainable_params, total_params = peft_model.get_nb_trainable_parameters()
             start = time.perf_counter()
             losses, tokens = _fit(peft_model, examples, settings, spec.name, lr, pad_token_id)

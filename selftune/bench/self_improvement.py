@@ -12,7 +12,8 @@ each later round then
    sampled) and stored as an episode (prompt, call) with a verifier reward of 1 or 0;
 2. **tunes**: the production pieces, as ``selftune tune`` runs them: episode selection, replay
    mixing (earlier promoted episodes and ``configs/replay.jsonl``), training from the base
-   weights;
+   weights (or the active adapter's, ``tuning.continue_from_active``), with ``tuning.kl_weight``'s
+   pull towards the base model on replayed conversations;
 3. **evaluates** the candidate on every suite: held-out simple_python and multiple, and
    live_simple, live_multiple, irrelevance, live_irrelevance (never trained on; seeded
    samples), plus reference-text cross-entropy;
@@ -120,6 +121,8 @@ class SelfImprovementRun(BaseModel):
     attempts: int
     eval_limit: int
     abstain_goals: int = 0
+    kl_weight: float = 0.0
+    continue_from_active: bool = False
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -232,7 +235,9 @@ def run_self_improvement(
     reference = tuning.reference_file.read_text()
     general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
-                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals)
+                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
+                             kl_weight=tuning.kl_weight if replay else 0.0,
+                             continue_from_active=tuning.continue_from_active)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
@@ -266,9 +271,10 @@ def run_self_improvement(
                 run.rounds.append(result)
                 continue
             previous = registry.active_path()
+            start_from = registry.continuation_point(tuning.method) if tuning.continue_from_active else None
             version, out_dir = registry.allocate()
             chat.use_adapter(None)
-            train_adapter(model, tokenizer, examples, tuning, out_dir)
+            train_adapter(model, tokenizer, examples, tuning, out_dir, start_from=start_from)
             seconds.train = round(time.perf_counter() - start, 1)
 
             start = time.perf_counter()
