@@ -191,7 +191,7 @@ class LocalChatModel(BaseChatModel):
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
             cache = self._prefix_cache.take(encoded["input_ids"][0]) if self._reuses_prefixes() else None
-            if processor is not None and temperature == 0 and self._drafts():
+            if temperature == 0 and self._drafts(constrained=processor is not None) and not stop:
                 output, stats = greedy_decode(
                     self._active, encoded["input_ids"], processor, max_new_tokens, self._eos_ids(), cache,
                     jump_forward=self.jump_forward, lookup_tokens=self.lookup_tokens)
@@ -235,8 +235,9 @@ class LocalChatModel(BaseChatModel):
     def _reuses_prefixes(self) -> bool:
         return self.prefix_cache_entries > 0 and not self._prompt_learning()
 
-    def _drafts(self) -> bool:
-        return (self.jump_forward or self.lookup_tokens > 0) and not self._prompt_learning()
+    def _drafts(self, constrained: bool) -> bool:
+        """Whether greedy decoding has drafts to check: grammar-forced tokens or prompt lookup."""
+        return (self.jump_forward and constrained or self.lookup_tokens > 0) and not self._prompt_learning()
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

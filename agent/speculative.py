@@ -1,4 +1,4 @@
-"""Greedy constrained decoding with fewer forward passes, and the same output.
+"""Greedy decoding (constrained or free) with fewer forward passes, and the same output.
 
 On a CPU a forward pass over a handful of tokens costs little more than over one, so
 tokens that can be guessed are checked together instead of generated one by one:
@@ -14,7 +14,7 @@ The guesses are fed with the chosen token in one pass and verified position by p
 through the same logits processor greedy decoding uses: a guess is kept only where the
 masked argmax equals it, the first mismatch is replaced by that argmax, and the KV cache is
 cropped back to the kept tokens. Every kept token is therefore exactly the token plain greedy
-decoding under the grammar picks from the same logits; only rounding can differ, as between
+decoding (under the grammar, when there is one) picks from the same logits; only rounding can differ, as between
 any two batch shapes of the same model (bit-identical in float32 in the tests; compared on
 real steps in ``selftune bench inference``).
 """
@@ -54,7 +54,7 @@ def lookup_draft(ids: list[int], ngram: int, limit: int) -> list[int]:
 def greedy_decode(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    processor: ToolCallLogitsProcessor,
+    processor: ToolCallLogitsProcessor | None,
     max_new_tokens: int,
     stop_token_ids: set[int],
     cache: DynamicCache | None = None,
@@ -63,12 +63,12 @@ def greedy_decode(
     lookup_tokens: int = 0,
     lookup_ngram: int = 3,
 ) -> tuple[torch.Tensor, DecodeStats]:
-    """Greedy decoding of one row under ``processor``: ``(prompt + new tokens, stats)``.
+    """Greedy decoding of one row, under ``processor`` or free (None): ``(prompt + new tokens, stats)``.
 
     ``input_ids``: ``(1, n)``. ``cache`` may hold keys/values for a prefix of the prompt
     (a prefix-cache hit); afterwards it holds every token but the last, as after
-    ``model.generate``. ``jump_forward`` drafts grammar-forced tokens, ``lookup_tokens``
-    up to that many prompt-lookup tokens after them.
+    ``model.generate``. ``jump_forward`` drafts grammar-forced tokens (with a processor),
+    ``lookup_tokens`` up to that many prompt-lookup tokens after them.
     """
     if input_ids.shape[0] != 1:
         raise ValueError("greedy_decode handles one row")
@@ -87,6 +87,8 @@ def greedy_decode(
         return logits[0].float()
 
     def pick(logits: torch.Tensor) -> int:
+        if processor is None:
+            return int(logits.argmax(-1))
         context = torch.tensor([ids], dtype=torch.long)
         return int(processor(context, logits[None].clone()).argmax(-1))
 
@@ -97,7 +99,7 @@ def greedy_decode(
         if token in stop_token_ids or generated >= max_new_tokens:
             break
         room = max_new_tokens - generated
-        draft = processor.forced_after(token)[:room] if jump_forward else []
+        draft = processor.forced_after(token)[:room] if jump_forward and processor is not None else []
         if lookup_tokens and len(draft) < room:
             draft += lookup_draft(ids + draft, lookup_ngram, min(lookup_tokens, room - len(draft)))
         stats.drafted_tokens += len(draft)

@@ -58,8 +58,9 @@ class ModelSettings(StrictModel):
         True, description="Local models, greedy tool calls: check the tokens the grammar forces in one forward "
                           "pass with the chosen token instead of generating them one by one (same output).")
     lookup_tokens: int = Field(
-        8, ge=0, le=64, description="Local models, greedy tool calls: also guess up to this many tokens by "
-                                    "prompt lookup (values copied from the prompt), verified the same way; 0 = off.")
+        8, ge=0, le=64, description="Local models, greedy decoding (tool calls and free text): guess up to this "
+                                    "many tokens by prompt lookup (values copied from the prompt or earlier output), "
+                                    "verified in one forward pass (same output); 0 = off.")
     openai_base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp).")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding that server's API key.")
 

@@ -118,6 +118,32 @@ def test_local_chat_model_drafts_only_where_asked_and_says_how_many_passes(weigh
     assert passes["plain"] == tokens and passes["lookup"] <= passes["jump"] < tokens
 
 
+def test_free_greedy_decoding_with_lookup_gives_generates_tokens(weights) -> None:
+    """Without a grammar (free text, unconstrained tool calls) prompt lookup alone drafts; the tokens
+    are plain ``generate``'s, through a budget cut and through the repetition small models fall into."""
+    model, tokenizer = weights
+    passes = tokens = 0
+    for category, index, budget in [("simple_python", 0, 96), ("live_simple", 0, 40)]:
+        ids, _, _ = _case(weights, category, index)
+        with torch.inference_mode():
+            expected = model.generate(ids, max_new_tokens=budget, do_sample=False, temperature=None, top_p=None,
+                                      top_k=None, pad_token_id=tokenizer.pad_token_id)[0].tolist()
+            got, stats = greedy_decode(model, ids, None, budget, _eos(weights), lookup_tokens=8)
+        assert got[0].tolist() == expected, (category, index)
+        assert stats.forward_passes <= len(expected) - ids.shape[1] - stats.accepted_tokens + 1
+        passes, tokens = passes + stats.forward_passes, tokens + len(expected) - ids.shape[1]
+    assert passes < tokens
+
+    question, _ = load_category("simple_python", limit=1, seed=0)[0]
+    replies = {}
+    for lookup in (0, 8):
+        chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0,
+                              lookup_tokens=lookup)
+        replies[lookup] = generate(chat, build_messages(question), max_tokens=64, temperature=0.0)
+    assert replies[0].content == replies[8].content
+    assert replies[8].response_metadata["forward_passes"] < replies[0].response_metadata["forward_passes"]
+
+
 def test_lookup_draft_copies_what_followed_the_last_ngram_before() -> None:
     ids = [5, 1, 2, 3, 9, 8, 7, 4, 1, 2, 3]
     assert lookup_draft(ids, ngram=3, limit=2) == [9, 8]
