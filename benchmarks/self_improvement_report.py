@@ -37,7 +37,8 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7, ncol=2)
     extra = (f", {run.abstain_goals} abstention goals" if run.abstain_goals else "") + (
-        f", KL {run.kl_weight:g}" if run.kl_weight else "") + (", continued" if run.continue_from_active else "") + (
+        f", KL {run.kl_weight:g}" if run.kl_weight else "") + (
+        f", no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "") + (", continued" if run.continue_from_active else "") + (
         "" if run.replay and run.gate else " (ablation)")
     axes.set_title(f"{run.model}, {run.method}{extra}")
     figure.savefig(out)

@@ -22,8 +22,8 @@ def store(tmp_path: Path):
 
 
 def add(store: EpisodeStore, id_: str, goal: str, score: float, minute: int, expression: str = "1+1",
-        status: str = "done") -> None:
-    call = ToolCall(name="calculator", arguments={"expression": expression})
+        status: str = "done", name: str = "calculator") -> None:
+    call = ToolCall(name=name, arguments={"expression": expression})
     steps = [Step(index=0, kind="goal", message=ChatMessage(role="user", content=goal)),
              Step(index=1, kind="action", trainable=True,
                   message=ChatMessage(role="assistant", content="{}", tool_calls=[call]))]
@@ -51,6 +51,22 @@ def test_sometimes_solved_goals_come_first_and_each_goal_is_capped(store: Episod
         "easy0": "its goal already has 2 selected episodes",
     }
     assert selection.considered == 7
+
+
+def test_no_call_answers_are_capped_at_their_share_lowest_ranked_first(store: EpisodeStore) -> None:
+    for i in range(3):
+        add(store, f"call{i}", f"goal {i}", 1.0, i)
+    for i in range(4):
+        add(store, f"none{i}", f"unrelated {i}", 1.0 - i / 100, 10 + i, name="none")
+
+    selection = select_episodes(store, TuningSettings(max_abstention_share=0.4))  # 2 per 3 calls
+
+    assert {e.id for e in selection.selected} == {"call0", "call1", "call2", "none0", "none1"}
+    assert selection.skipped == {f"none{i}": "no-call answers are capped at 40% of the selection" for i in (2, 3)}
+    assert set(selection.chosen) == {e.id for e in selection.selected}
+    assert len(select_episodes(store, TuningSettings(max_abstention_share=1.0)).selected) == 7
+    assert {e.id for e in select_episodes(store, TuningSettings(max_abstention_share=0.0)).selected} == {
+        "call0", "call1", "call2"}
 
 
 def test_total_cap_and_unfinished_episodes(store: EpisodeStore) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 from pydantic import BaseModel, Field
 
+from selftune.agent.constrained import NO_CALL_TOOL
 from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import Episode
 from selftune.settings import TuningSettings
@@ -35,9 +37,28 @@ def _trajectory_key(episode: Episode) -> str:
     return json.dumps([_goal_key(episode), calls], sort_keys=True)
 
 
+def _abstains(episode: Episode) -> bool:
+    """Whether every trained call of the episode is the no-call answer (no offered tool fitted)."""
+    names = [call.name for step in episode.steps if step.trainable and step.kind == "action"
+             for call in step.message.tool_calls]
+    return bool(names) and all(name == NO_CALL_TOOL for name in names)
+
+
+def _cap_abstentions(selection: Selection, share: float) -> None:
+    """Drop the lowest-ranked no-call episodes until they are at most ``share`` of the selection."""
+    abstaining = [episode for episode in selection.selected if _abstains(episode)]
+    calls = len(selection.selected) - len(abstaining)
+    allowed = len(abstaining) if share >= 1.0 else math.floor(share / (1.0 - share) * calls + 1e-9)
+    for episode in abstaining[allowed:]:
+        selection.selected.remove(episode)
+        del selection.chosen[episode.id]
+        selection.skipped[episode.id] = f"no-call answers are capped at {share:.0%} of the selection"
+
+
 def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
     """Finished episodes scoring at least ``min_score``, without duplicate trajectories, at most
-    ``max_per_goal`` per goal and ``max_episodes`` in all.
+    ``max_per_goal`` per goal and ``max_episodes`` in all, and no-call answers (abstentions) at
+    most ``max_abstention_share`` of them.
 
     Goals the model solves only sometimes come first (they teach the most), then the rest;
     within each, best score first, newest first on ties.
@@ -82,4 +103,5 @@ def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
                 f"score {episode.score:.2f}; goal solved in {sum(outcomes)} of {len(outcomes)} attempts")
             continue
         selection.skipped[episode.id] = reason
+    _cap_abstentions(selection, settings.max_abstention_share)
     return selection

@@ -123,6 +123,7 @@ class SelfImprovementRun(BaseModel):
     abstain_goals: int = 0
     kl_weight: float = 0.0
     continue_from_active: bool = False
+    max_abstention_share: float = 1.0
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -237,7 +238,8 @@ def run_self_improvement(
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
                              kl_weight=tuning.kl_weight if replay else 0.0,
-                             continue_from_active=tuning.continue_from_active)
+                             continue_from_active=tuning.continue_from_active,
+                             max_abstention_share=tuning.max_abstention_share)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
