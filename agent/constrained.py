@@ -195,11 +195,25 @@ class _Bounder:
         return out
 
 
+def _admits_null(schema: Any) -> bool:
+    if not isinstance(schema, dict):
+        return True  # ``{}``-like or malformed: left to xgrammar
+    return "null" in _types(schema) or any(_admits_null(sub) for sub in schema.get("anyOf", []))
+
+
 def _arguments_schema(parameters: Any, bounder: _Bounder) -> dict[str, Any]:
+    """A tool's bounded parameter schema; its optional parameters also admit ``null`` (left empty)."""
     if not parameters:
         return {"type": "object", "properties": {}, "additionalProperties": False}
     schema = bounder(parameters)
     schema.setdefault("type", "object")
+    required = set(schema.get("required", []))
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        schema["properties"] = {
+            name: sub if name in required or _admits_null(sub) else {"anyOf": [sub, {"type": "null"}]}
+            for name, sub in properties.items()
+        }
     return schema
 
 
@@ -229,7 +243,9 @@ def tool_call_schema(
     ``tools``: OpenAI-style function descriptions ``{"name", "description", "parameters"}``
     (or ``{"type": "function", "function": {...}}``, as ``convert_to_openai_tool`` returns).
     A call is ``{"tool": <name>, "arguments": <that tool's parameters>}``; arguments
-    admit no undeclared keys, and optional keys may be left out. Local ``$defs``
+    admit no undeclared keys, and optional keys may be left out or be ``null`` (a model
+    that means to leave a parameter empty often writes ``null``; without it the grammar
+    would force a made-up value). Local ``$defs``
     references are kept (renamed per tool); descriptions and defaults are dropped.
 
     ``allow_no_call`` adds ``{"tool": "none", "arguments": {"reason": <string>}}`` (see

@@ -7,6 +7,7 @@ the loop shows it back as an observation so the model can correct itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 from langchain_core.tools import BaseTool
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from selftune.memory.records import ToolCall
 
-__all__ = ["ToolCallError", "parse_tool_calls", "validate_tool_call"]
+__all__ = ["ToolCallError", "parse_tool_calls", "validate_tool_call", "without_empty_optionals"]
 
 _NAME_KEYS = ("tool", "name", "function")
 _ARGUMENT_KEYS = ("arguments", "args", "parameters", "input")
@@ -72,16 +73,25 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     return [_to_call(value) for value in values if isinstance(value, dict)]
 
 
+def without_empty_optionals(arguments: dict[str, Any], required: Collection[str]) -> dict[str, Any]:
+    """``arguments`` without the ``null`` values of parameters outside ``required``: a model writes
+    ``null`` for a parameter it means to leave out (the grammar admits it), so the call leaves it out."""
+    return {name: value for name, value in arguments.items() if value is not None or name in required}
+
+
 def validate_tool_call(call: ToolCall, tools: dict[str, BaseTool]) -> dict[str, Any]:
-    """Arguments checked against the tool's pydantic schema (with defaults filled in)."""
+    """Arguments checked against the tool's pydantic schema (with defaults filled in); ``null`` for
+    an optional parameter means left out (its default applies)."""
     tool = tools.get(call.name)
     if tool is None:
         raise ToolCallError(f"unknown tool {call.name!r}; available tools: {', '.join(sorted(tools))}")
     schema = tool.args_schema
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
         return call.arguments
+    required = [name for name, field in schema.model_fields.items() if field.is_required()]
+    arguments = without_empty_optionals(call.arguments, required)
     try:
-        validated = schema.model_validate(call.arguments)
+        validated = schema.model_validate(arguments)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in item['loc']) or 'arguments'}: {item['msg']}" for item in error.errors()

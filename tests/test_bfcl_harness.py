@@ -141,6 +141,26 @@ def test_evaluate_category_skips_questions_already_done() -> None:
     result = evaluate_category(stub, "simple_python", limit=3, seed=0, constrained=False, done=earlier)
     assert len(stub.seen) == asked + 1  # only the question not scored before
     assert [r.raw for r in result.records].count("from an earlier run") == 2 and result.n == 3
+    kept = [r for r in result.records if r.raw == "from an earlier run"]
+    assert all(not r.valid and not r.parsed for r in kept)  # scored again, by the current rules
+
+
+def test_null_for_an_optional_parameter_is_scored_as_left_out() -> None:
+    """A model writes null for a parameter it leaves empty: the call leaves it out (as in the agent)."""
+    for question, answer in load_category("simple_python"):
+        function = question.functions[0]
+        required = function["parameters"].get("required", [])
+        expected = next(iter(answer.ground_truth[0].values()))
+        optional = [p for p in function["parameters"]["properties"] if p not in required and "" in expected.get(p, [""])]
+        if len(question.functions) == 1 and len(answer.ground_truth) == 1 and optional and required:
+            break
+    name, arguments = gold_calls(question, answer)[0]
+    with_null = {**arguments, optional[0]: None}
+    reply = format_tool_call(ToolCall(name=tool_name(name), arguments=with_null))
+    parsed, calls, result = score_reply(question, answer, reply)
+    assert parsed and result.valid and optional[0] not in calls[0][1]
+    required_null = format_tool_call(ToolCall(name=tool_name(name), arguments={**arguments, required[0]: None}))
+    assert not score_reply(question, answer, required_null)[2].valid  # a required parameter is never dropped
 
 
 def test_evaluate_category_asks_exactly_the_given_ids() -> None:

@@ -147,14 +147,20 @@ def test_schema_branch_per_tool_with_bounds() -> None:
     assert arguments["required"] == ["destination", "dates"]
     props = arguments["properties"]
     assert props["destination"] == {"type": "string", "maxLength": 200}  # description dropped, bound added
-    assert props["travel_class"] == {"type": "string", "enum": ["economy", "business", "first"]}
-    assert props["travelers"]["maxItems"] == 16
-    assert props["travelers"]["items"]["properties"]["name"]["maxLength"] == 200
+    assert props["travel_class"] == {"anyOf": [{"type": "string", "enum": ["economy", "business", "first"]},
+                                               {"type": "null"}]}  # optional: may be left empty
+    jsonschema.validate({"tool": "book_trip", "arguments": {"destination": "Oslo", "dates": {"start": "x", "nights": 2},
+                                                            "travel_class": None}}, schema)
+    with pytest.raises(jsonschema.ValidationError):  # required parameters never take null
+        jsonschema.validate({"tool": "book_trip", "arguments": {"destination": None, "dates": {"start": "x", "nights": 2}}},
+                            schema)
+    travelers = props["travelers"]["anyOf"][0]
+    assert travelers["maxItems"] == 16 and travelers["items"]["properties"]["name"]["maxLength"] == 200
     assert props["dates"]["properties"]["nights"] == {"type": "integer", "minimum": 1, "maximum": 10**15 - 1}
     assert props["dates"]["additionalProperties"] is False
     small = tool_call_schema(TOOLS, max_string_length=50, max_items=3)["anyOf"][0]["properties"]["arguments"]
     assert small["properties"]["destination"]["maxLength"] == 50
-    assert small["properties"]["travelers"]["maxItems"] == 3
+    assert small["properties"]["travelers"]["anyOf"][0]["maxItems"] == 3
 
 
 def test_schema_no_call_array_and_errors() -> None:

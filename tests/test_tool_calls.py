@@ -57,6 +57,12 @@ def test_validation_fills_defaults_and_coerces():
     assert validate_tool_call(ToolCall(name="add", arguments={"a": "2"}), TOOLS) == {"a": 2, "b": 1}
 
 
+def test_null_for_an_optional_argument_means_left_out_but_not_for_a_required_one():
+    assert validate_tool_call(ToolCall(name="add", arguments={"a": 2, "b": None}), TOOLS) == {"a": 2, "b": 1}
+    with pytest.raises(ToolCallError, match="invalid arguments for add: a"):
+        validate_tool_call(ToolCall(name="add", arguments={"a": None}), TOOLS)
+
+
 def test_validation_names_the_bad_argument():
     with pytest.raises(ToolCallError, match="a: .*"):
         validate_tool_call(ToolCall(name="add", arguments={"a": "two"}), TOOLS)

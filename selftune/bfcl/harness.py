@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from selftune.agent.constrained import NO_CALL_TOOL
 from selftune.agent.generation import generate
 from selftune.agent.prompts import tool_signature
-from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
+from selftune.agent.tool_calls import ToolCallError, parse_tool_calls, without_empty_optionals
 from selftune.bfcl.checker import CheckResult, check
 from selftune.bfcl.data import BfclAnswer, BfclQuestion, from_tool_name, load_category
 
@@ -115,19 +115,22 @@ def score_reply(
     """Parse ``text`` into calls and score them: ``(parsed, calls, result)``.
 
     Calls named :data:`NO_CALL_TOOL` are dropped (the no-call answer); the other names are
-    mapped back to BFCL's names. An unparsable reply counts as no call (so it can still pass
-    an irrelevance question, as in BFCL) but ``parsed`` is False.
+    mapped back to BFCL's names, and ``null`` for an optional parameter means left out, as
+    when the agent makes the call (:func:`without_empty_optionals`). An unparsable reply
+    counts as no call (so it can still pass an irrelevance question, as in BFCL) but
+    ``parsed`` is False.
     """
     try:
         parsed_calls = parse_tool_calls(text)
         parsed = True
     except ToolCallError:
         parsed_calls, parsed = [], False
-    calls = [
-        (from_tool_name(call.name, question.functions), call.arguments)
-        for call in parsed_calls
-        if call.name != NO_CALL_TOOL
-    ]
+    required = {function["name"]: function.get("parameters", {}).get("required", []) for function in question.functions}
+    calls = []
+    for call in parsed_calls:
+        if call.name != NO_CALL_TOOL:
+            name = from_tool_name(call.name, question.functions)
+            calls.append((name, without_empty_optionals(call.arguments, required.get(name, []))))
     return parsed, calls, check(question, answer, calls)
 
 
@@ -148,7 +151,8 @@ def evaluate_category(
     """Run ``chat`` greedily on ``limit`` questions of ``category`` and score them. ``constrained``
     offers the question's functions as tools (grammar on the local backend, native tool calling
     on a server); without it the model sees them only in the prompt. ``done``: records of an
-    earlier run with the same settings, by question id; those questions are not asked again.
+    earlier run with the same settings, by question id; those questions are not asked again,
+    their replies are scored again.
     ``ids``: ask exactly these questions of the category (``limit`` and ``seed`` then unused).
     ``exemplars``: example turns to put between the system message and the question."""
     records: list[QuestionRecord] = []
@@ -160,8 +164,12 @@ def evaluate_category(
         if len(questions) != len(wanted):
             raise ValueError(f"{len(wanted) - len(questions)} of the given ids are not in {category}")
     for question, answer in questions:
-        if done and question.id in done:
-            records.append(done[question.id])
+        if done and question.id in done:  # asked before: only scored again, by the current rules
+            earlier = done[question.id]
+            parsed, calls, result = score_reply(question, answer, earlier.raw)
+            records.append(earlier.model_copy(update={
+                "valid": result.valid, "error": result.error, "parsed": parsed,
+                "calls": [{"name": name, "arguments": arguments} for name, arguments in calls]}))
             continue
         options: dict[str, Any] = {}
         if constrained:
