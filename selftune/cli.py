@@ -554,7 +554,7 @@ def bench_self_improvement(
     attempts: Annotated[int, typer.Option(min=1, help="Attempts per train goal per round (first greedy).")] = 4,
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
     abstain_goals: Annotated[int, typer.Option(min=0, help="Abstention goals (train questions offered "
-                                               "unrelated functions) collected each round.")] = 10,
+                                               "unrelated functions) collected each round.")] = 20,
     kl_weight: Annotated[Optional[float], typer.Option(min=0.0, help="KL-to-base weight on replayed "
                                                        "conversations (default from config).")] = None,
     continue_active: Annotated[bool, typer.Option("--continue", help="Start each candidate from the active "

@@ -223,7 +223,7 @@ def run_self_improvement(
     replay: bool = True,
     use_gate: bool = True,
     regression_tolerance: float = 0.02,
-    abstain_goals: int = 10,
+    abstain_goals: int = 20,
     split: Split | None = None,
     work_dir: Path | None = None,
     on_round: Any = None,
@@ -334,7 +334,7 @@ def run_fewshot_baseline(
     temperature: float = 0.7,
     eval_limit: int = 50,
     shots: int = 2,
-    abstain_goals: int = 10,
+    abstain_goals: int = 20,
     split: Split | None = None,
     work_dir: Path | None = None,
 ) -> SelfImprovementRun:
