@@ -4,7 +4,8 @@ The candidate is trained from the base weights (or, with ``tuning.continue_from_
 the active adapter's weights) on the selected episodes mixed with replayed earlier training
 data and general/abstention conversations (tuning/replay.py). The active adapter and the
 candidate then each run the held-out goals, score a fixed public-domain reference text
-(cross-entropy: forgetting of general language) and answer the BFCL regression suites (``tuning.regression_suites``: abstention, tool-call categories never trained on). The
+(cross-entropy: forgetting of general language) and answer the BFCL regression suites
+(``tuning.regression_suites``: abstention, tool-call categories never trained on). The
 candidate is promoted only when its held-out accuracy is at least the active one's plus
 ``promote_margin``, its reference cross-entropy rose by at most ``reference_tolerance`` and no
 regression suite lost more than its tolerance; a rejected candidate is kept on disk but never
