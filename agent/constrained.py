@@ -70,6 +70,7 @@ from transformers import LogitsProcessor
 __all__ = [
     "DEFAULT_MAX_ITEMS",
     "DEFAULT_MAX_STRING_LENGTH",
+    "LIST_WHITESPACE",
     "NO_CALL_TOOL",
     "GrammarCache",
     "ToolCallLogitsProcessor",
@@ -86,6 +87,10 @@ NO_CALL_TOOL = "none"
 
 DEFAULT_MAX_STRING_LENGTH = 200
 DEFAULT_MAX_ITEMS = 16
+# Whitespace run (newline and indent) admitted between tokens of a reply that may list several calls.
+# Models write such lists one call per line; a compact-only grammar leaves them no separator but
+# ``, {`` after the first call, and most close the list there instead (measured on BFCL parallel).
+LIST_WHITESPACE = 8
 # Integers without bounds get +-(10**15 - 1): an unbounded digit run is another loop.
 _INTEGER_LIMIT = 10**15 - 1
 # Far from the end of the budget, the guard re-estimates the closing cost every this many steps.
@@ -328,6 +333,7 @@ class ToolGrammar:
     schema: dict[str, Any]
     string_cap: int | None
     key: str
+    whitespace: int = 0  # longest whitespace run admitted between tokens (0: compact JSON)
 
 
 class _Vocab:
@@ -343,6 +349,10 @@ class _Vocab:
         # strings would admit them, and json.loads rejects them).
         control = re.compile(rb"[\x00-\x1f]")
         self.control = frozenset(i for i, t in enumerate(self.tokens) if control.search(t)) - self.special
+        # Of those, the ones whose control bytes are all layout (newline, tab, carriage return):
+        # admitted between tokens where the grammar allows whitespace, never inside a string.
+        layout = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+        self.layout = frozenset(i for i in self.control if not layout.search(self.tokens[i]))
         # Token bytes -> id (first id wins), special tokens left out: to spell out a completion.
         self.lookup: dict[bytes, int] = {}
         for i, data in enumerate(self.tokens):
@@ -414,9 +424,11 @@ class GrammarCache:
         self._lock = threading.Lock()
         self.vocab = _Vocab(self.tokenizer_info, tokenizer)
 
-    def compile(self, schema: dict[str, Any], string_cap: int | None = None) -> ToolGrammar:
-        """Compiled grammar of any JSON ``schema`` (compact JSON, properties in order).
+    def compile(self, schema: dict[str, Any], string_cap: int | None = None, whitespace: int = 0) -> ToolGrammar:
+        """Compiled grammar of any JSON ``schema`` (properties in order).
 
+        ``whitespace``: 0 gives compact JSON (``", "`` and ``": "`` separators); above 0 the
+        grammar also admits runs of up to that many whitespace characters between tokens.
         With ``string_cap``, ``maxLength`` bounds of at least ``string_cap`` are taken
         out of the grammar (so those strings may contain escapes) and the processor
         holds every string to ``string_cap`` bytes instead.
@@ -424,7 +436,7 @@ class GrammarCache:
         if string_cap is not None and string_cap < _MIN_RUNTIME_STRING_CAP:
             string_cap = None
         text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))  # key order matters: no sort
-        key = hashlib.sha256(f"{string_cap}\n{text}".encode()).hexdigest()
+        key = hashlib.sha256(f"{string_cap}\n{whitespace}\n{text}".encode()).hexdigest()
         with self._lock:
             cached = self._grammars.get(key)
             if cached is not None:
@@ -434,10 +446,14 @@ class GrammarCache:
             start = time.perf_counter()
             if string_cap is not None:
                 text = json.dumps(_grammar_schema(schema, string_cap), ensure_ascii=False, separators=(",", ":"))
-            compiled = self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+            layout: dict[str, Any] = {"any_whitespace": False}
+            if whitespace > 0:
+                layout = {"any_whitespace": True, "max_whitespace_cnt": whitespace}
+            compiled = self.compiler.compile_json_schema(text, strict_mode=True, **layout)
             self.compile_seconds += time.perf_counter() - start
             self.compiles += 1
-            grammar = ToolGrammar(compiled=compiled, schema=schema, string_cap=string_cap, key=key)
+            grammar = ToolGrammar(compiled=compiled, schema=schema, string_cap=string_cap, key=key,
+                                  whitespace=whitespace)
             self._grammars[key] = grammar
             while len(self._grammars) > self.max_entries:
                 self._grammars.popitem(last=False)
@@ -452,11 +468,12 @@ class GrammarCache:
         max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
         max_items: int = DEFAULT_MAX_ITEMS,
     ) -> ToolGrammar:
-        """Compiled grammar of :func:`tool_call_schema` for ``tools`` (compiled once per tool set)."""
+        """Compiled grammar of :func:`tool_call_schema` for ``tools`` (compiled once per tool set).
+        Where a list of calls is allowed, the reply may be laid out over lines (:data:`LIST_WHITESPACE`)."""
         schema = tool_call_schema(
             tools, allow_no_call, max_calls, max_string_length=max_string_length, max_items=max_items
         )
-        return self.compile(schema, string_cap=max_string_length)
+        return self.compile(schema, string_cap=max_string_length, whitespace=LIST_WHITESPACE if max_calls > 1 else 0)
 
     def processor(
         self,
@@ -511,7 +528,7 @@ def _byte_order(preferred: str) -> tuple[int, ...]:
 _QUOTE, _COMMA = ord('"'), ord(",")
 _MAX_BRANCHES = 24
 _CLOSERS = tuple(ord(c) for c in "}]")
-_OPENERS = tuple(ord(c) for c in ',"{[')
+_OPENERS = tuple(ord(c) for c in ',:"{[')  # the colon: where whitespace is admitted it is not forced
 _DIGITS = tuple(ord(c) for c in "0123456789")
 _SIGNS = tuple(ord(c) for c in "-.")
 _INSIDE = _byte_order('"' + string.ascii_lowercase + string.digits + string.ascii_uppercase + "_ -.")
@@ -712,7 +729,9 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         self.mask_seconds = 0.0
         self._bitmask: torch.Tensor | None = None
         self._probe = _ByteProbe(self.vocab)
-        self._banned = np.array(sorted((self.vocab.special | self.vocab.control) - set(stops)), dtype=np.int64)
+        layout = self.vocab.layout if grammar.whitespace else frozenset()
+        self._banned = np.array(sorted((self.vocab.special | self.vocab.control) - layout - set(stops)), dtype=np.int64)
+        self._layout = np.array(sorted(layout), dtype=np.int64)  # banned only inside strings
         self._check_prefix()
 
     # -- state -----------------------------------------------------------------------------
@@ -863,10 +882,13 @@ class ToolCallLogitsProcessor(LogitsProcessor):
             array[:, banned] = -np.inf
 
         cap = self.grammar.string_cap
+        layout = self._layout[self._layout < width]
         for i, row in enumerate(self.rows):
             if i in forced:
                 continue
             row_scores = array[i]
+            if layout.size and row.text.in_string:
+                row_scores[layout] = -np.inf
             if cap is not None and row.text.in_string and cap - row.text.length < self.vocab.max_string_need:
                 need = self.vocab.string_need(row.text.escape)[:masked_width]
                 row_scores[:masked_width][need > cap - row.text.length] = -np.inf

@@ -19,6 +19,7 @@ import xgrammar as xgr
 from transformers import LogitsProcessorList
 
 from selftune.agent.constrained import (
+    LIST_WHITESPACE,
     NO_CALL_TOOL,
     GrammarCache,
     ToolCallLogitsProcessor,
@@ -316,6 +317,33 @@ def _drive(
         if done.all():
             break
     return [[t for t in row[3:].tolist()] for row in sequences]
+
+
+def test_a_list_of_calls_may_be_laid_out_over_lines_but_strings_hold_no_newline(cache: GrammarCache) -> None:
+    """Models write one call per line in a list; without newlines the only separator left after
+    the first call is ``, {`` and they close the list instead (BFCL parallel: 2 -> 8 of 12)."""
+    laid_out = '[\n  {"tool": "calculator", "arguments": {"expression": "1+1"}},\n  ' \
+               '{"tool": "calculator", "arguments": {"expression": "2*3"}}\n]'
+    several, single = cache.compile_tools([CALCULATOR], max_calls=3), cache.compile_tools([CALCULATOR])
+    assert several.whitespace == LIST_WHITESPACE and single.whitespace == 0
+    assert _accepts(several.compiled, laid_out)
+    assert not xgr.GrammarMatcher(single.compiled).accept_string('{\n"tool"')  # one call stays compact
+    jsonschema.validate(json.loads(laid_out), several.schema)
+
+    vocab = cache.vocab
+    newline, bracket, quote = (vocab.lookup[b] for b in (b"\n", b"[", b'"'))
+    processor = ToolCallLogitsProcessor(several, cache, max_new_tokens=None, stop_token_ids=0)
+    sequence = torch.zeros(1, 1, dtype=torch.long)
+    text = b'[{"tool": "calculator", "arguments": {"expression": "'
+    for step, token in enumerate([bracket, *(vocab.lookup[bytes([b])] for b in text[1:])]):
+        scores = processor(sequence, torch.zeros(1, vocab.size))
+        if step == 1:  # after "[": a newline may come next
+            assert torch.isfinite(scores[0, newline])
+        assert torch.isfinite(scores[0, token]), (step, vocab.tokens[token])
+        sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+    scores = processor(sequence, torch.zeros(1, vocab.size))
+    assert processor.rows[0].text.in_string and not torch.isfinite(scores[0, newline])  # inside the string
+    assert torch.isfinite(scores[0, quote])
 
 
 def _text(tokenizer: Any, processor: ToolCallLogitsProcessor, tokens: list[int], row: int = 0) -> tuple[str, str]:
