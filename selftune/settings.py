@@ -139,7 +139,7 @@ class TuningSettings(StrictModel):
     max_episodes: int = Field(256, ge=1)
     max_per_goal: int = Field(4, ge=1, description="Selected episodes per goal (distinct trajectories).")
     max_abstention_share: float = Field(
-        0.3, ge=0.0, le=1.0, description="Largest share of the selected episodes that are no-call answers "
+        0.6, ge=0.0, le=1.0, description="Largest share of the selected episodes that are no-call answers "
                                          "(abstentions); too many teach the model to refuse (1 = no cap).")
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer-step cap (overrides epochs when reached first).")
