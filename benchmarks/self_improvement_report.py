@@ -15,7 +15,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from selftune.bench.self_improvement import HELDOUT, UNTRAINED_SUITES, SelfImprovementRun
+from selftune.bench.self_improvement import HELDOUT, UNTRAINED_SUITES, BenchRound, SelfImprovementRun
 
 SUITES = (HELDOUT, f"{HELDOUT}:simple_python", f"{HELDOUT}:multiple", *UNTRAINED_SUITES)
 
@@ -38,23 +38,33 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes.legend(fontsize=7, ncol=2)
     extra = (f", {run.abstain_goals} abstention goals" if run.abstain_goals else "") + (
         f", KL {run.kl_weight:g}" if run.kl_weight else "") + (
-        f", no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "") + (", continued" if run.continue_from_active else "") + (
+        f", no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "") + (
+        f", >= {run.min_abstention_share:g}" if run.min_abstention_share else "") + (", continued" if run.continue_from_active else "") + (
         "" if run.replay and run.gate else " (ablation)")
     axes.set_title(f"{run.model}, {run.method}{extra}")
     figure.savefig(out)
 
 
 def table(run: SelfImprovementRun) -> str:
-    head = ["round", "decision", *SUITES, "ref CE", "collect s", "train s", "eval s", "solved/attempts"]
+    head = ["round", "decision", *SUITES, "ref CE", "collect s", "train s", "eval s", "solved/attempts", "selected (no-call + copies)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for r in run.rounds:
         cells = [str(r.round), r.decision]
         cells += [f"{r.candidate[s]:.2f}" if s in r.candidate else "–" for s in SUITES]
         cells += [f"{r.reference_ce:.3f}" if r.reference_ce is not None else "–",
                   f"{r.seconds.collect:.0f}", f"{r.seconds.train:.0f}", f"{r.seconds.evaluate:.0f}",
-                  f"{r.solved_attempts}/{r.attempts}" if r.attempts else "–"]
+                  f"{r.solved_attempts}/{r.attempts}" if r.attempts else "–",
+                  _selected(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _selected(r: BenchRound) -> str:
+    if not r.attempts:
+        return "–"
+    if r.abstentions is None:
+        return str(r.selected)
+    return f"{r.selected} ({r.abstentions} + {r.oversampled})"
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -141,6 +141,9 @@ class TuningSettings(StrictModel):
     max_abstention_share: float = Field(
         0.6, ge=0.0, le=1.0, description="Largest share of the selected episodes that are no-call answers "
                                          "(abstentions); too many teach the model to refuse (1 = no cap).")
+    min_abstention_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Smallest share of the training episodes that are no-call answers: "
+                                         "selected ones are repeated to reach it, as calls outgrow them (0 = off).")
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer-step cap (overrides epochs when reached first).")
     batch_size: int = Field(4, ge=1, description="Examples per optimizer step.")
@@ -179,6 +182,13 @@ class TuningSettings(StrictModel):
         False, description="Start the candidate from the active adapter's weights instead of the base weights "
                            "(same method only); the default retrains from base on the cumulative buffer.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _abstention_bounds(self) -> TuningSettings:
+        if self.min_abstention_share > self.max_abstention_share:
+            raise ValueError(f"min_abstention_share {self.min_abstention_share} exceeds "
+                             f"max_abstention_share {self.max_abstention_share}")
+        return self
 
 
 def check_cron(expression: str | None) -> str | None:

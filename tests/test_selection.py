@@ -69,6 +69,28 @@ def test_no_call_answers_are_capped_at_their_share_lowest_ranked_first(store: Ep
         "call0", "call1", "call2"}
 
 
+def test_no_call_answers_are_oversampled_up_to_their_floor(store: EpisodeStore) -> None:
+    for i in range(6):
+        add(store, f"call{i}", f"goal {i}", 1.0, i)
+    add(store, "none0", "unrelated 0", 1.0, 10, name="none")
+    add(store, "none1", "unrelated 1", 0.9, 11, name="none")
+
+    selection = select_episodes(store, TuningSettings(min_abstention_share=0.5))  # 6 refusals for 6 calls
+
+    assert len(selection.selected) == 8 and selection.abstentions == 2
+    assert [e.id for e in selection.oversampled] == ["none0", "none1", "none0", "none1"]
+    training = selection.training_episodes()
+    assert sum(e.id.startswith("none") for e in training) == 6 and len(training) == 12
+    assert not select_episodes(store, TuningSettings()).oversampled  # off by default
+    copies = select_episodes(store, TuningSettings(min_abstention_share=0.9, max_abstention_share=1.0)).oversampled
+    assert len(copies) == 6  # 54 wanted, but each refusal is used at most 4 times
+
+
+def test_abstention_floor_above_the_cap_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_abstention_share 0.7 exceeds max_abstention_share 0.6"):
+        TuningSettings(min_abstention_share=0.7)
+
+
 def test_total_cap_and_unfinished_episodes(store: EpisodeStore) -> None:
     add(store, "a", "goal a", 1.0, 0)
     add(store, "b", "goal b", 0.8, 1)

@@ -82,7 +82,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     report = TuningReport(
         created_at=created, model_id=settings.model.name, method=method_name, decision="skipped", reason="",
         previous_version=previous, episodes_considered=selection.considered,
-        episodes_selected=len(selection.selected), scores=selection.scores,
+        episodes_selected=len(selection.selected), episodes_oversampled=len(selection.oversampled),
+        scores=selection.scores,
         chosen=selection.chosen, skipped=selection.skipped, config=settings.model_dump(mode="json"),
         history=_history(runtime),
     )
@@ -100,7 +101,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     if not isinstance(chat, LocalChatModel):
         return finish("skipped", "tuning needs a local model; the configured one is served remotely")
     general = load_replay_file(tuning.replay_file) if tuning.replay_file else []
-    episodes, replay = mix_replay(selection.selected, earlier_training_data(runtime.adapters, runtime.store), general,
+    episodes, replay = mix_replay(selection.training_episodes(), earlier_training_data(runtime.adapters, runtime.store), general,
                                   tuning.replay_ratio, tuning.replay_general_share, tuning.seed)
     report.replay = replay
     examples = build_examples(episodes, chat.tokenizer, tuning.max_seq_len)
@@ -134,7 +135,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                  "train_loss_last": train.losses[-1], "examples": train.examples,
                  **{f"{name}_before": result.accuracy for name, result in suites_before.items()},
                  **{f"{name}_after": result.accuracy for name, result in suites_after.items()}},
-        trained_on=[episode.id for episode in episodes if episode.origin != "replay"],
+        trained_on=list(dict.fromkeys(episode.id for episode in episodes if episode.origin != "replay")),
     ))
     if decision == "promoted":
         runtime.adapters.promote(version, reason)

@@ -67,6 +67,7 @@ class TuningReport(BaseModel):
     previous_version: str | None = None  # active before this run; None = base model
     episodes_considered: int = 0
     episodes_selected: int = 0
+    episodes_oversampled: int = 0  # extra copies of no-call episodes (tuning.min_abstention_share)
     replay: ReplayMix | None = None  # earlier and general examples mixed in
     scores: list[float] = Field(default_factory=list)  # scores of the episodes considered
     chosen: dict[str, str] = Field(default_factory=dict)  # episode id -> why it was selected

@@ -14,6 +14,8 @@ from selftune.settings import TuningSettings
 
 __all__ = ["Selection", "select_episodes"]
 
+MAX_ABSTENTION_COPIES = 4  # oversampling repeats one no-call episode at most this often (more memorises it)
+
 
 class Selection(BaseModel):
     selected: list[Episode] = Field(default_factory=list)
@@ -21,6 +23,13 @@ class Selection(BaseModel):
     chosen: dict[str, str] = Field(default_factory=dict, description="episode id -> why it was chosen")
     skipped: dict[str, str] = Field(default_factory=dict, description="episode id -> reason")
     scores: list[float] = Field(default_factory=list, description="Scores of every considered episode.")
+    abstentions: int = Field(0, description="Selected episodes that are no-call answers.")
+    oversampled: list[Episode] = Field(
+        default_factory=list, description="Extra copies of selected no-call episodes (tuning.min_abstention_share).")
+
+    def training_episodes(self) -> list[Episode]:
+        """The selected episodes plus the oversampled copies: what one round trains on before replay."""
+        return self.selected + self.oversampled
 
 
 def _goal_key(episode: Episode) -> str:
@@ -55,10 +64,24 @@ def _cap_abstentions(selection: Selection, share: float) -> None:
         selection.skipped[episode.id] = f"no-call answers are capped at {share:.0%} of the selection"
 
 
+def _oversample_abstentions(selection: Selection, share: float) -> None:
+    """Repeat selected no-call episodes, best-ranked first, until they make up ``share`` of the
+    training episodes (each at most ``MAX_ABSTENTION_COPIES`` times in all). Calls gain in number
+    from round to round while refusals of the same goals repeat themselves; without a floor the
+    refusal share shrinks and the model unlearns abstaining."""
+    abstaining = [episode for episode in selection.selected if _abstains(episode)]
+    selection.abstentions = len(abstaining)
+    if not abstaining or share <= 0.0:
+        return
+    calls = len(selection.selected) - len(abstaining)
+    wanted = min(math.ceil(share / (1.0 - share) * calls - 1e-9), MAX_ABSTENTION_COPIES * len(abstaining))
+    selection.oversampled = [abstaining[i % len(abstaining)] for i in range(max(0, wanted - len(abstaining)))]
+
+
 def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
     """Finished episodes scoring at least ``min_score``, without duplicate trajectories, at most
     ``max_per_goal`` per goal and ``max_episodes`` in all, and no-call answers (abstentions) at
-    most ``max_abstention_share`` of them.
+    most ``max_abstention_share`` of them; below ``min_abstention_share`` they are oversampled.
 
     Goals the model solves only sometimes come first (they teach the most), then the rest;
     within each, best score first, newest first on ties.
@@ -104,4 +127,5 @@ def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
             continue
         selection.skipped[episode.id] = reason
     _cap_abstentions(selection, settings.max_abstention_share)
+    _oversample_abstentions(selection, settings.min_abstention_share)
     return selection

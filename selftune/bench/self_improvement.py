@@ -109,6 +109,8 @@ class BenchRound(BaseModel):
     attempts: int = 0
     solved_attempts: int = 0
     selected: int = 0
+    abstentions: int | None = None  # of the selected, no-call answers (None: not recorded)
+    oversampled: int = 0  # extra copies of no-call answers (tuning.min_abstention_share)
     replayed: int = 0
     seconds: PhaseSeconds = Field(default_factory=PhaseSeconds)
 
@@ -124,6 +126,7 @@ class SelfImprovementRun(BaseModel):
     kl_weight: float = 0.0
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
+    min_abstention_share: float = 0.0
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -239,7 +242,8 @@ def run_self_improvement(
                              attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
                              kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
-                             max_abstention_share=tuning.max_abstention_share)
+                             max_abstention_share=tuning.max_abstention_share,
+                             min_abstention_share=tuning.min_abstention_share)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
@@ -260,12 +264,13 @@ def run_self_improvement(
             start = time.perf_counter()
             selection = select_episodes(store, tuning)
             earlier = earlier_training_data(registry, store) if replay else []
-            episodes, mix = mix_replay(selection.selected, earlier, general,
+            episodes, mix = mix_replay(selection.training_episodes(), earlier, general,
                                        tuning.replay_ratio if replay else 0.0, tuning.replay_general_share,
                                        tuning.seed + number)
             examples = build_examples(episodes, tokenizer, tuning.max_seq_len)
             result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
-                                selected=len(selection.selected), replayed=mix.earlier + mix.general)
+                                selected=len(selection.selected), abstentions=selection.abstentions,
+                                oversampled=len(selection.oversampled), replayed=mix.earlier + mix.general)
             if not examples:
                 result.reason = "no episode solved"
                 result.active = {k: v.accuracy for k, v in active.items()}
@@ -292,7 +297,7 @@ def run_self_improvement(
             registry.register(AdapterVersion(
                 version=version, method=tuning.method, base_model=settings.model.name, path=out_dir,
                 metrics={HELDOUT + "_after": candidate[HELDOUT].accuracy},
-                trained_on=[e.id for e in episodes if e.origin != "replay"]))
+                trained_on=list(dict.fromkeys(e.id for e in episodes if e.origin != "replay"))))
             if decision == "promoted":
                 registry.promote(version, reason)
                 active, active_ce = candidate, candidate_ce
