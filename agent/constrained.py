@@ -86,7 +86,7 @@ NO_CALL_TOOL = "none"
 """Tool name of the declared "no tool" answer: ``{"tool": "none", "arguments": {"reason": "..."}}``."""
 
 DEFAULT_MAX_STRING_LENGTH = 200
-DEFAULT_MAX_ITEMS = 16
+DEFAULT_MAX_ITEMS = 32  # longest list in any BFCL gold answer: 20 items
 # Whitespace run (newline and indent) admitted between tokens of a reply that may list several calls.
 # Models write such lists one call per line; a compact-only grammar leaves them no separator but
 # ``, {`` after the first call, and most close the list there instead (measured on BFCL parallel).
@@ -351,8 +351,16 @@ class _Vocab:
         self.control = frozenset(i for i, t in enumerate(self.tokens) if control.search(t)) - self.special
         # Of those, the ones whose control bytes are all layout (newline, tab, carriage return):
         # admitted between tokens where the grammar allows whitespace, never inside a string.
+        # ``strung[(in_string, escape)]``: the layout tokens that, starting from that text state,
+        # would put a control byte inside a string (``"}},\n`` closes its string first: admitted).
         layout = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
         self.layout = frozenset(i for i in self.control if not layout.search(self.tokens[i]))
+        self.strung = {
+            (in_string, escape): np.array(sorted(
+                i for i in self.layout if _control_in_string(self.tokens[i], _TextState(in_string, escape))),
+                dtype=np.int64)
+            for in_string, escape in ((False, False), (True, False), (True, True))
+        }
         # Token bytes -> id (first id wins), special tokens left out: to spell out a completion.
         self.lookup: dict[bytes, int] = {}
         for i, data in enumerate(self.tokens):
@@ -377,6 +385,15 @@ class _Vocab:
 
     def string_need(self, escaped: bool) -> np.ndarray:
         return self._string_need[1 if escaped else 0]
+
+
+def _control_in_string(data: bytes, state: _TextState) -> bool:
+    """Whether ``data`` fed from ``state`` has a control byte while a JSON string is open."""
+    for byte in data:
+        if byte < 0x20 and state.in_string:
+            return True
+        state.feed(bytes([byte]))
+    return False
 
 
 def _string_bytes(data: bytes, escape: bool) -> int:
@@ -729,9 +746,9 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         self.mask_seconds = 0.0
         self._bitmask: torch.Tensor | None = None
         self._probe = _ByteProbe(self.vocab)
-        layout = self.vocab.layout if grammar.whitespace else frozenset()
+        self._layout = bool(grammar.whitespace)  # layout tokens admitted where they put no control byte in a string
+        layout = self.vocab.layout if self._layout else frozenset()
         self._banned = np.array(sorted((self.vocab.special | self.vocab.control) - layout - set(stops)), dtype=np.int64)
-        self._layout = np.array(sorted(layout), dtype=np.int64)  # banned only inside strings
         self._check_prefix()
 
     # -- state -----------------------------------------------------------------------------
@@ -882,13 +899,13 @@ class ToolCallLogitsProcessor(LogitsProcessor):
             array[:, banned] = -np.inf
 
         cap = self.grammar.string_cap
-        layout = self._layout[self._layout < width]
         for i, row in enumerate(self.rows):
             if i in forced:
                 continue
             row_scores = array[i]
-            if layout.size and row.text.in_string:
-                row_scores[layout] = -np.inf
+            if self._layout:
+                strung = self.vocab.strung[(row.text.in_string, row.text.escape)]
+                row_scores[strung[strung < width]] = -np.inf
             if cap is not None and row.text.in_string and cap - row.text.length < self.vocab.max_string_need:
                 need = self.vocab.string_need(row.text.escape)[:masked_width]
                 row_scores[:masked_width][need > cap - row.text.length] = -np.inf

@@ -23,6 +23,8 @@ from selftune.agent.constrained import (
     NO_CALL_TOOL,
     GrammarCache,
     ToolCallLogitsProcessor,
+    _control_in_string,
+    _TextState,
     grammar_cache,
     openai_functions,
     tool_call_schema,
@@ -156,7 +158,7 @@ def test_schema_branch_per_tool_with_bounds() -> None:
         jsonschema.validate({"tool": "book_trip", "arguments": {"destination": None, "dates": {"start": "x", "nights": 2}}},
                             schema)
     travelers = props["travelers"]["anyOf"][0]
-    assert travelers["maxItems"] == 16 and travelers["items"]["properties"]["name"]["maxLength"] == 200
+    assert travelers["maxItems"] == 32 and travelers["items"]["properties"]["name"]["maxLength"] == 200
     assert props["dates"]["properties"]["nights"] == {"type": "integer", "minimum": 1, "maximum": 10**15 - 1}
     assert props["dates"]["additionalProperties"] is False
     small = tool_call_schema(TOOLS, max_string_length=50, max_items=3)["anyOf"][0]["properties"]["arguments"]
@@ -344,6 +346,19 @@ def test_a_list_of_calls_may_be_laid_out_over_lines_but_strings_hold_no_newline(
     scores = processor(sequence, torch.zeros(1, vocab.size))
     assert processor.rows[0].text.in_string and not torch.isfinite(scores[0, newline])  # inside the string
     assert torch.isfinite(scores[0, quote])
+
+
+def test_a_token_that_closes_the_string_before_its_newline_is_admitted(cache: GrammarCache) -> None:
+    """Qwen writes ``"}},\n`` and ``"}}\n`` as one token each; banning every newline token while a
+    string was open made it continue the list instead of closing it (BFCL parallel_186: 7 calls)."""
+    assert not _control_in_string(b'"}},\n', _TextState(in_string=True))
+    assert not _control_in_string(b'"}}\n', _TextState(in_string=True))
+    assert _control_in_string(b"ab\n", _TextState(in_string=True))
+    assert _control_in_string(b'"\n', _TextState(in_string=True, escape=True))  # an escaped quote: still open
+    assert _control_in_string(b': "\n', _TextState())  # opens a string, then the newline
+    assert not _control_in_string(b"}\n", _TextState())
+    layout_inside = {int(i) for i in cache.vocab.strung[(True, False)]}
+    assert cache.vocab.lookup[b"\n"] in layout_inside and layout_inside <= cache.vocab.layout
 
 
 def _text(tokenizer: Any, processor: ToolCallLogitsProcessor, tokens: list[int], row: int = 0) -> tuple[str, str]:
