@@ -122,7 +122,10 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     assert sorted(entry.trained_on) == sorted(report["chosen"]) and "Replayed general" in markdown
     # Forgetting is watched on the reference text: both sides measured, and named in the decision.
     assert 0.5 < report["reference_ce_before"] < 10 and report["reference_ce_after"] != report["reference_ce_before"]
-    assert "reference cross-entropy" in outcome.reason and "cross-entropy (forgetting)" in markdown
+    assert "reference cross-entropy" in outcome.reason and "cross-entropy (forgetting): base" in markdown
+    # The bound is measured from the base weights (here also the active model: no adapter yet).
+    assert report["reference_ce_base"] == pytest.approx(report["reference_ce_before"], abs=1e-4)
+    assert f"reference cross-entropy {report['reference_ce_base']:.3f} -> " in outcome.reason
 
     # The adapter changes the model; reloading it gives the same logits; base comes back exactly.
     chat.use_adapter(entry.path, entry.version)

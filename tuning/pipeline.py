@@ -7,7 +7,8 @@ candidate then each run the held-out goals, score a fixed public-domain referenc
 (cross-entropy: forgetting of general language) and answer the BFCL regression suites
 (``tuning.regression_suites``: abstention, tool-call categories never trained on). The
 candidate is promoted only when its held-out accuracy is at least the active one's plus
-``promote_margin``, its reference cross-entropy rose by at most ``reference_tolerance`` and no
+``promote_margin``, its reference cross-entropy is at most ``reference_tolerance`` above the
+base model's (measured from the base, so drift cannot add up over promotions) and no
 regression suite lost more than its tolerance; a rejected candidate is kept on disk but never
 becomes active. The candidate is registered only after its evaluation, so a crash or interrupt
 anywhere before that leaves the registry unchanged.
@@ -117,6 +118,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     version, out_dir = runtime.adapters.allocate()
     try:
         chat.use_adapter(None, None)  # the base weights; a new adapter, fresh or continuing the active one
+        reference_base = chat.cross_entropy(reference_text)
         train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name, start_from)
         chat.use_adapter(out_dir, version)
         after = evaluate_goals(runtime.agent(sync=False), goals)
@@ -126,12 +128,13 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         runtime.sync_adapter()
     regressions = [(suites_before[name], suites_after[name], suite.tolerance)
                    for suite in tuning.regression_suites if (name := f"bfcl:{suite.category}") in suites_before]
-    decision, reason = gate(before, after, tuning.promote_margin, reference_before, reference_after,
+    decision, reason = gate(before, after, tuning.promote_margin, reference_base, reference_after,
                             tuning.reference_tolerance, regressions)
     runtime.adapters.register(AdapterVersion(
         version=version, method=method_name, base_model=settings.model.name, path=out_dir,
         metrics={"heldout_before": before.accuracy, "heldout_after": after.accuracy,
-                 "reference_ce_before": reference_before, "reference_ce_after": reference_after,
+                 "reference_ce_base": reference_base, "reference_ce_before": reference_before,
+                 "reference_ce_after": reference_after,
                  "train_loss_last": train.losses[-1], "examples": train.examples,
                  **{f"{name}_before": result.accuracy for name, result in suites_before.items()},
                  **{f"{name}_after": result.accuracy for name, result in suites_after.items()}},
@@ -144,7 +147,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     runtime.sync_adapter()
     return finish(decision, reason, candidate_version=version, train=train,
                   eval_before={"heldout": before, **suites_before}, eval_after={"heldout": after, **suites_after},
-                  reference_ce_before=reference_before, reference_ce_after=reference_after,
+                  reference_ce_base=reference_base, reference_ce_before=reference_before,
+                  reference_ce_after=reference_after,
                   history=_history(runtime))
 
 

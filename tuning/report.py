@@ -75,6 +75,7 @@ class TuningReport(BaseModel):
     train: TrainResult | None = None
     eval_before: dict[str, SuiteResult] = Field(default_factory=dict)
     eval_after: dict[str, SuiteResult] = Field(default_factory=dict)
+    reference_ce_base: float | None = None  # of the base weights: what the gate bounds the candidate's rise against
     reference_ce_before: float | None = None  # mean cross-entropy (nats/token) on the reference text
     reference_ce_after: float | None = None
     config: dict[str, Any] = Field(default_factory=dict)
