@@ -36,17 +36,22 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes.set_ylabel("accuracy (round's candidate)")
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7, ncol=2)
-    extra = (f", {run.abstain_goals} abstention goals" if run.abstain_goals else "") + (
-        f", KL {run.kl_weight:g}" if run.kl_weight else "") + (
-        f", no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "") + (
-        f", >= {run.min_abstention_share:g}" if run.min_abstention_share else "") + (", continued" if run.continue_from_active else "") + (
+    options = [
+        f"{run.abstain_goals} abstention goals" if run.abstain_goals else "",
+        f"KL {run.kl_weight:g}" if run.kl_weight else "",
+        f"no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "",
+        f"no-call share >= {run.min_abstention_share:g}" if run.min_abstention_share else "",
+        "continued" if run.continue_from_active else "",
+    ]
+    extra = "".join(f", {option}" for option in options if option) + (
         "" if run.replay and run.gate else " (ablation)")
     axes.set_title(f"{run.model}, {run.method}{extra}")
     figure.savefig(out)
 
 
 def table(run: SelfImprovementRun) -> str:
-    head = ["round", "decision", *SUITES, "ref CE", "collect s", "train s", "eval s", "solved/attempts", "selected (no-call + copies)"]
+    head = ["round", "decision", *SUITES, "ref CE", "collect s", "train s", "eval s", "solved/attempts",
+            "selected (no-call + copies)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for r in run.rounds:
         cells = [str(r.round), r.decision]

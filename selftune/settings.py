@@ -162,7 +162,8 @@ class TuningSettings(StrictModel):
         PROJECT_ROOT / "configs" / "reference.txt",
         description="Public-domain text whose cross-entropy the gate watches for forgetting.")
     reference_tolerance: float = Field(
-        0.05, ge=0.0, description="Largest relative rise of reference cross-entropy over the base model's a candidate may have.")
+        0.05, ge=0.0, description="Largest relative rise of a candidate's reference cross-entropy "
+                                  "over the base model's (drift cannot add up over promotions).")
     promote_margin: float = Field(0.0, description="Candidate must beat the active adapter by this much (0 = not worse).")
     regression_suites: list[RegressionSuite] = Field(
         default_factory=lambda: [RegressionSuite(category="irrelevance"), RegressionSuite(category="simple_python")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from selftune.memory.records import Verifier
 from selftune.runtime import Runtime
 from selftune.settings import load_settings
 from selftune.tuning import pipeline
+from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.pipeline import run_tuning_round
 from selftune.tuning.report import REPORT_SECTIONS
 
@@ -136,6 +138,24 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     assert (chat.next_token_logits(PROBE) == adapted).all()
     assert not (adapted == base_logits).all()
     runtime.sync_adapter()
+
+
+def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(runtime):
+    """With an adapter active, the gate's reference bound starts from the base weights' cross-entropy,
+    not the active adapter's, so drift cannot add up over promotions."""
+    first = runtime.adapters.list()[0]
+    version, out_dir = runtime.adapters.allocate()
+    shutil.copytree(first.path, out_dir)
+    runtime.adapters.register(AdapterVersion(version=version, method=first.method, base_model=first.base_model,
+                                             path=out_dir))
+    runtime.adapters.promote(version, "test: an active adapter")
+    runtime.sync_adapter()
+
+    outcome = run_tuning_round(runtime, method="lora")
+
+    report = json.loads((outcome.report_dir / "report.json").read_text())
+    assert report["reference_ce_base"] != pytest.approx(report["reference_ce_before"], abs=1e-4)
+    assert f"reference cross-entropy {report['reference_ce_base']:.3f} -> " in outcome.reason
 
 
 def _cli(runtime: Runtime, *args: str) -> subprocess.CompletedProcess:

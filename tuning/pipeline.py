@@ -102,7 +102,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     if not isinstance(chat, LocalChatModel):
         return finish("skipped", "tuning needs a local model; the configured one is served remotely")
     general = load_replay_file(tuning.replay_file) if tuning.replay_file else []
-    episodes, replay = mix_replay(selection.training_episodes(), earlier_training_data(runtime.adapters, runtime.store), general,
+    earlier = earlier_training_data(runtime.adapters, runtime.store)
+    episodes, replay = mix_replay(selection.training_episodes(), earlier, general,
                                   tuning.replay_ratio, tuning.replay_general_share, tuning.seed)
     report.replay = replay
     examples = build_examples(episodes, chat.tokenizer, tuning.max_seq_len)
