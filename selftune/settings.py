@@ -161,9 +161,9 @@ class TuningSettings(StrictModel):
     reference_file: Path = Field(
         PROJECT_ROOT / "configs" / "reference.txt",
         description="Public-domain text whose cross-entropy the gate watches for forgetting.")
-    reference_tolerance: float = Field(
-        0.05, ge=0.0, description="Largest relative rise of a candidate's reference cross-entropy "
-                                  "over the base model's (drift cannot add up over promotions).")
+    reference_tolerance_nats: float = Field(
+        0.05, ge=0.0, description="Largest rise (nats) of a candidate's reference cross-entropy over "
+                                  "the base model's (drift cannot add up over promotions).")
     promote_margin: float = Field(0.0, description="Candidate must beat the active adapter by this much (0 = not worse).")
     regression_suites: list[RegressionSuite] = Field(
         default_factory=lambda: [RegressionSuite(category="irrelevance"), RegressionSuite(category="simple_python")],

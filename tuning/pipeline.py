@@ -7,7 +7,7 @@ candidate then each run the held-out goals, score a fixed public-domain referenc
 (cross-entropy: forgetting of general language) and answer the BFCL regression suites
 (``tuning.regression_suites``: abstention, tool-call categories never trained on). The
 candidate is promoted only when its held-out accuracy is at least the active one's plus
-``promote_margin``, its reference cross-entropy is at most ``reference_tolerance`` above the
+``promote_margin``, its reference cross-entropy is at most ``reference_tolerance_nats`` above the
 base model's (measured from the base, so drift cannot add up over promotions) and no
 regression suite lost more than its tolerance; a rejected candidate is kept on disk but never
 becomes active. The candidate is registered only after its evaluation, so a crash or interrupt
@@ -53,17 +53,18 @@ def gate(before: SuiteResult, after: SuiteResult, margin: float, reference_befor
          reference_after: float, tolerance: float,
          regressions: Sequence[tuple[SuiteResult, SuiteResult, float]] = ()) -> tuple[Decision, str]:
     """Promote only if held-out accuracy gains ``margin``, reference cross-entropy rises at most
-    ``tolerance`` (relative) and no regression suite ``(before, after, tolerance)`` loses more than
+    ``tolerance`` nats and no regression suite ``(before, after, tolerance)`` loses more than
     its tolerance (absolute accuracy); the reason gives every figure, the failed check first."""
     accuracy = f"held-out accuracy {before.accuracy:.2f} -> {after.accuracy:.2f} (n={after.n}, margin {margin:+.2f})"
-    rise = reference_after / reference_before - 1
-    reference = f"reference cross-entropy {reference_before:.3f} -> {reference_after:.3f} ({rise:+.1%}, tolerance {tolerance:.0%})"
+    rise = reference_after - reference_before
+    reference = (f"reference cross-entropy {reference_before:.3f} -> {reference_after:.3f} "
+                 f"({rise:+.3f} nats, tolerance {tolerance:.3f})")
     suites = [(f"{old.name} {old.accuracy:.2f} -> {new.accuracy:.2f} (n={new.n}, tolerance {allowed:.2f})",
                old.accuracy - new.accuracy > allowed + 1e-9) for old, new, allowed in regressions]
     figures = [accuracy, reference] + [text for text, _ in suites]
     if after.accuracy < before.accuracy + margin:
         return "rejected", "; ".join(figures)
-    if rise > tolerance:
+    if rise > tolerance + 1e-9:
         return "rejected", "forgetting: " + "; ".join([reference, accuracy] + figures[2:])
     dropped = [text for text, failed in suites if failed]
     if dropped:
@@ -130,7 +131,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     regressions = [(suites_before[name], suites_after[name], suite.tolerance)
                    for suite in tuning.regression_suites if (name := f"bfcl:{suite.category}") in suites_before]
     decision, reason = gate(before, after, tuning.promote_margin, reference_base, reference_after,
-                            tuning.reference_tolerance, regressions)
+                            tuning.reference_tolerance_nats, regressions)
     runtime.adapters.register(AdapterVersion(
         version=version, method=method_name, base_model=settings.model.name, path=out_dir,
         metrics={"heldout_before": before.accuracy, "heldout_after": after.accuracy,

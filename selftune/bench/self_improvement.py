@@ -291,7 +291,7 @@ def run_self_improvement(
             seconds.evaluate = round(time.perf_counter() - start, 1)
             regressions = [(active[name], candidate[name], regression_tolerance) for name in UNTRAINED_SUITES]
             decision, reason = gate(active[HELDOUT], candidate[HELDOUT], tuning.promote_margin, base_ce,
-                                    candidate_ce, tuning.reference_tolerance, regressions)
+                                    candidate_ce, tuning.reference_tolerance_nats, regressions)
             if not use_gate:
                 decision, reason = "promoted", f"gate off ({decision}: {reason})"
             registry.register(AdapterVersion(
