@@ -12,14 +12,15 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
-from peft import PeftModel, PeftType
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from pydantic import Field, PrivateAttr
-from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from selftune.agent.constrained import grammar_cache, openai_functions
 from selftune.agent.prefix_cache import PrefixCache
 from selftune.agent.speculative import greedy_decode
+from selftune.agent.virtual_prefix import VirtualPrefix
 
 __all__ = ["LocalChatModel"]
 
@@ -86,9 +87,7 @@ class LocalChatModel(BaseChatModel):
     lookup_tokens: int = Field(8, ge=0)
 
     _active: Any = PrivateAttr(None)  # the base model or a PeftModel wrapping it
-    # A prompt-tuning adapter's virtual token embeddings, (1, n, hidden): decoded as a cached
-    # prefix in front of every prompt, so prefix reuse and drafting work as without it.
-    _virtual_prompt: torch.Tensor | None = PrivateAttr(None)
+    _virtual: VirtualPrefix | None = PrivateAttr(None)  # a prompt/prefix-tuning adapter's virtual positions
     _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
     _prefix_cache: PrefixCache = PrivateAttr()
 
@@ -117,7 +116,7 @@ class LocalChatModel(BaseChatModel):
         }
 
     def use_adapter(self, path: Path | None, version: str | None = None) -> None:
-        """Activate the PEFT adapter (LoRA or prompt tuning) saved at ``path``; None restores base weights.
+        """Activate the PEFT adapter (LoRA, prompt or prefix tuning) saved at ``path``; None restores base weights.
 
         ``version`` defaults to the adapter directory's name. If loading fails the
         base weights stay active.
@@ -127,14 +126,13 @@ class LocalChatModel(BaseChatModel):
                 # LoRA layers live inside the base modules: take them out again (prompt
                 # tuning leaves the base model untouched).
                 self._active.base_model.unload()
-            self._active, self.adapter_version, self._virtual_prompt = self.model, None, None
+            self._active, self.adapter_version, self._virtual = self.model, None, None
             self._prefix_cache.clear()  # keys and values change with the weights
             if path is not None:
                 _check_adapter_dir(Path(path))
                 adapter = PeftModel.from_pretrained(self.model, str(path)).eval()
-                if adapter.active_peft_config.peft_type == PeftType.PROMPT_TUNING:
-                    with torch.inference_mode():
-                        self._virtual_prompt = adapter.get_prompt(batch_size=1).to(self.model.dtype)
+                if adapter.active_peft_config.is_prompt_learning:  # leaves the base modules untouched
+                    self._virtual = VirtualPrefix.of(adapter, self.model.dtype)
                 self._active, self.adapter_version = adapter, version or Path(path).name
 
     def render_prompt(self, messages: list[BaseMessage], prefix: str = "") -> str:
@@ -176,7 +174,7 @@ class LocalChatModel(BaseChatModel):
 
         prompt = self.render_prompt(messages, prefix)
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        input_ids = self._with_virtual_positions(prompt_ids)
+        input_ids = self._virtual.placeholders(prompt_ids) if self._virtual else prompt_ids
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
             options.update(do_sample=True, temperature=temperature)
@@ -197,9 +195,10 @@ class LocalChatModel(BaseChatModel):
 
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            decoder = self.model if self._virtual_prompt is not None else self._active
-            cache = self._prefix_cache.take(input_ids[0]) if self._reuses_prefixes() else None
-            cache = self._with_virtual_prompt(cache)
+            # Virtual positions live in the cache; the base model decodes after them.
+            decoder = self.model if self._virtual else self._active
+            cache = self._prefix_cache.take(input_ids[0]) if self.prefix_cache_entries > 0 else None
+            cache = self._virtual.fill(self.model, cache) if self._virtual else cache
             if temperature == 0 and self._drafts(constrained=processor is not None) and not stop:
                 output, stats = greedy_decode(
                     decoder, input_ids, processor, max_new_tokens, self._eos_ids(), cache,
@@ -211,7 +210,7 @@ class LocalChatModel(BaseChatModel):
                 output = decoder.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
                 forward_passes = output.shape[1] - input_ids.shape[1]
-            if cache is not None and self._reuses_prefixes():
+            if cache is not None and self.prefix_cache_entries > 0:
                 self._prefix_cache.put(output[0], cache)
             latency = time.perf_counter() - start
             adapter_version = self.adapter_version
@@ -238,40 +237,9 @@ class LocalChatModel(BaseChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _with_virtual_positions(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """``prompt_ids`` behind one placeholder id per virtual token of a prompt-tuning adapter.
-
-        The placeholders are never embedded: the cache always holds the virtual tokens' keys and
-        values for those positions (:meth:`_with_virtual_prompt`), so decoding, prefix matching and
-        the grammar see one consistent sequence.
-        """
-        if self._virtual_prompt is None:
-            return prompt_ids
-        placeholders = torch.zeros((1, self._virtual_prompt.shape[1]), dtype=prompt_ids.dtype)
-        return torch.cat([placeholders, prompt_ids], dim=1)
-
-    def _with_virtual_prompt(self, cache: DynamicCache | None) -> DynamicCache | None:
-        """``cache``, or a new one, holding at least the virtual tokens (as PEFT's prompt tuning
-        puts them: positions 0..n-1, in front of the prompt)."""
-        if self._virtual_prompt is None:
-            return cache
-        if cache is None or cache.get_seq_length() < self._virtual_prompt.shape[1]:
-            cache = DynamicCache()
-            self.model(inputs_embeds=self._virtual_prompt, cache=cache, use_cache=True, logits_to_keep=1)
-        return cache
-
-    def _peft_decodes(self) -> bool:
-        # Prompt learning other than prompt tuning (prefix tuning) goes through PEFT's own
-        # generate: its virtual keys/values do not line up with our caches.
-        return (isinstance(self._active, PeftModel) and self._active.active_peft_config.is_prompt_learning
-                and self._virtual_prompt is None)
-
-    def _reuses_prefixes(self) -> bool:
-        return self.prefix_cache_entries > 0 and not self._peft_decodes()
-
     def _drafts(self, constrained: bool) -> bool:
         """Whether greedy decoding has drafts to check: grammar-forced tokens or prompt lookup."""
-        return (self.jump_forward and constrained or self.lookup_tokens > 0) and not self._peft_decodes()
+        return self.jump_forward and constrained or self.lookup_tokens > 0
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -341,7 +341,7 @@ def feedback(
 
 
 @app.command()
-def tune(method: Annotated[Optional[str], typer.Option(help="lora or prompt (default from config).")] = None) -> None:
+def tune(method: Annotated[Optional[str], typer.Option(help="lora, prompt or prefix (default from config).")] = None) -> None:
     """Select good episodes, train an adapter, gate it on held-out goals, promote or reject it."""
     from selftune.tuning.pipeline import run_tuning_round
 
@@ -549,7 +549,7 @@ def bench_loop(
 @bench_app.command("self-improvement")
 def bench_self_improvement(
     model: Annotated[Optional[str], typer.Option(help="Model name (overrides the config).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora or prompt (default from config).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora, prompt or prefix (default from config).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Collect-tune-gate rounds after the base evaluation.")] = 3,
     attempts: Annotated[int, typer.Option(min=1, help="Attempts per train goal per round (first greedy).")] = 4,
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,

@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-__all__ = ["ConfigError", "Settings", "DaemonSettings", "check_cron", "load_settings", "DEFAULT_CONFIG", "PROJECT_ROOT"]
+__all__ = ["ConfigError", "Settings", "DaemonSettings", "TuningMethod", "check_cron", "load_settings", "DEFAULT_CONFIG", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
@@ -133,8 +133,11 @@ class RegressionSuite(StrictModel):
         return value
 
 
+TuningMethod = Literal["lora", "prompt", "prefix"]  # tuning/methods.py METHODS
+
+
 class TuningSettings(StrictModel):
-    method: Literal["lora", "prompt"] = "lora"
+    method: TuningMethod = "lora"
     min_score: float = Field(0.7, ge=0.0, le=1.0, description="Episodes scoring at least this are training candidates.")
     max_episodes: int = Field(256, ge=1)
     max_per_goal: int = Field(4, ge=1, description="Selected episodes per goal (distinct trajectories).")

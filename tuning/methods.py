@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peft import LoraConfig, PeftConfig, PromptTuningConfig, PromptTuningInit, TaskType
+from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
 from selftune.settings import TuningSettings
 
@@ -50,24 +50,20 @@ def _prompt(settings: TuningSettings, tokenizer_dir: str | None) -> PeftConfig:
     )
 
 
+def _prefix(settings: TuningSettings, tokenizer_dir: str | None) -> PeftConfig:
+    # Learned keys/values in every layer; the local chat model decodes them as a cache prefix.
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=settings.prompt_virtual_tokens)
+
+
 METHODS: dict[str, Method] = {
     "lora": Method("lora", default_lr=2e-4, build=_lora),
     "prompt": Method("prompt", default_lr=2e-2, build=_prompt),
-}
-
-
-# Methods that were tried and are not offered, with the measured reason.
-UNSUPPORTED = {
-    "prefix": "PEFT prefix tuning trains, but transformers' generate passes its own `cache` and drops the "
-              "prefix keys/values PEFT supplies, so a trained prefix does not change what the agent generates "
-              "(measured: first-step logits move by 3e-5, against 27 in a plain forward pass); see docs/tuning.md",
+    "prefix": Method("prefix", default_lr=1e-2, build=_prefix),
 }
 
 
 def get_method(name: str) -> Method:
-    """The method called ``name``; ValueError naming the valid ones (or why it is not offered) otherwise."""
-    if name in UNSUPPORTED:
-        raise ValueError(f"tuning method {name!r} is not offered: {UNSUPPORTED[name]}")
+    """The method called ``name``; ValueError naming the valid ones otherwise."""
     try:
         return METHODS[name]
     except KeyError:

@@ -24,6 +24,7 @@ from selftune.daemon.auth import BearerAuth, BodyLimit
 from selftune.daemon.journal import AdapterSwitch, TuneRun
 from selftune.daemon.queue import TERMINAL, GoalRecord, GoalRequest, GoalStatus, IdempotencyConflict
 from selftune.daemon.tuning import TuneBusy
+from selftune.settings import TuningMethod
 from selftune.tuning.adapters import RegistryError
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class FeedbackResponse(BaseModel):
 class TuneRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lora", "prompt"] | None = None
+    method: TuningMethod | None = None
 
 
 class AdaptersResponse(BaseModel):
