@@ -85,8 +85,8 @@ def test_bench_self_improvement_rejects_an_unknown_method() -> None:
 
     from selftune.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "self-improvement", "--method", "prefix"])
-    assert result.exit_code != 0 and "not offered" in result.output
+    result = CliRunner().invoke(app, ["bench", "self-improvement", "--method", "ia3"])
+    assert result.exit_code == 2 and "unknown tuning method 'ia3'" in result.output
 
 
 def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path, tmp_path: Path) -> None:
