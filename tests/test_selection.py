@@ -86,6 +86,21 @@ def test_no_call_answers_are_oversampled_up_to_their_floor(store: EpisodeStore) 
     assert len(copies) == 6  # 54 wanted, but each refusal is used at most 4 times
 
 
+def test_no_call_answers_paired_with_a_call_of_the_same_request_are_kept_and_repeated_first(
+        store: EpisodeStore) -> None:
+    for i in range(2):
+        add(store, f"call{i}", f"goal {i}", 1.0, i)
+    add(store, "unpaired", "unrelated 0", 1.0, 10, name="none")  # ranked first: newest of the best scores
+    add(store, "paired", "Goal  1", 0.9, 11, name="none")  # the same request as call1, other tools offered
+
+    capped = select_episodes(store, TuningSettings(max_abstention_share=0.34))  # 1 refusal per 2 calls
+    assert {e.id for e in capped.selected} == {"call0", "call1", "paired"}
+    assert capped.skipped == {"unpaired": "no-call answers are capped at 34% of the selection"}
+
+    floor = select_episodes(store, TuningSettings(min_abstention_share=0.6, max_abstention_share=0.6))
+    assert [e.id for e in floor.oversampled] == ["paired"]  # 3 refusals for 2 calls: the pair repeats
+
+
 def test_abstention_floor_above_the_cap_is_refused() -> None:
     with pytest.raises(ValueError, match="min_abstention_share 0.7 exceeds max_abstention_share 0.6"):
         TuningSettings(min_abstention_share=0.7)

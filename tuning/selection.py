@@ -53,9 +53,28 @@ def _abstains(episode: Episode) -> bool:
     return bool(names) and all(name == NO_CALL_TOOL for name in names)
 
 
-def _cap_abstentions(selection: Selection, share: float) -> None:
-    """Drop the lowest-ranked no-call episodes until they are at most ``share`` of the selection."""
+def _request_key(episode: Episode) -> str:
+    """The user's request (the goal step's text), whatever tools were offered with it."""
+    text = next((step.message.content for step in episode.steps if step.kind == "goal"), episode.goal)
+    return " ".join(text.lower().split())
+
+
+def _abstentions_paired_first(selection: Selection) -> list[Episode]:
+    """Selected no-call episodes, those whose request also has a selected call first (in rank order).
+
+    Such a pair (the same request answered with a call when a fitting tool is offered, with the no-call
+    answer when none is) leaves only the offered tools to tell the answers apart: the model learns to
+    read them. A refusal of a request never seen with a call can be learned from the request alone,
+    which teaches a prior over requests instead of abstention."""
     abstaining = [episode for episode in selection.selected if _abstains(episode)]
+    called = {_request_key(episode) for episode in selection.selected if not _abstains(episode)}
+    return sorted(abstaining, key=lambda episode: _request_key(episode) not in called)
+
+
+def _cap_abstentions(selection: Selection, share: float) -> None:
+    """Drop no-call episodes, unpaired and lowest-ranked first, until they are at most ``share`` of the
+    selection."""
+    abstaining = _abstentions_paired_first(selection)
     calls = len(selection.selected) - len(abstaining)
     allowed = len(abstaining) if share >= 1.0 else math.floor(share / (1.0 - share) * calls + 1e-9)
     for episode in abstaining[allowed:]:
@@ -65,11 +84,11 @@ def _cap_abstentions(selection: Selection, share: float) -> None:
 
 
 def _oversample_abstentions(selection: Selection, share: float) -> None:
-    """Repeat selected no-call episodes, best-ranked first, until they make up ``share`` of the
-    training episodes (each at most ``MAX_ABSTENTION_COPIES`` times in all). Calls gain in number
+    """Repeat selected no-call episodes, paired and best-ranked first, until they make up ``share`` of
+    the training episodes (each at most ``MAX_ABSTENTION_COPIES`` times in all). Calls gain in number
     from round to round while refusals of the same goals repeat themselves; without a floor the
     refusal share shrinks and the model unlearns abstaining."""
-    abstaining = [episode for episode in selection.selected if _abstains(episode)]
+    abstaining = _abstentions_paired_first(selection)
     selection.abstentions = len(abstaining)
     if not abstaining or share <= 0.0:
         return
@@ -82,6 +101,7 @@ def select_episodes(store: EpisodeStore, settings: TuningSettings) -> Selection:
     """Finished episodes scoring at least ``min_score``, without duplicate trajectories, at most
     ``max_per_goal`` per goal and ``max_episodes`` in all, and no-call answers (abstentions) at
     most ``max_abstention_share`` of them; below ``min_abstention_share`` they are oversampled.
+    Both keep no-call answers paired with a call of the same request first.
 
     Goals the model solves only sometimes come first (they teach the most), then the rest;
     within each, best score first, newest first on ties.
