@@ -119,6 +119,7 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     # Regression suite (BFCL abstention) measured on both sides and named in the decision.
     assert report["eval_before"]["bfcl:irrelevance"]["n"] == report["eval_after"]["bfcl:irrelevance"]["n"] == 2
     assert "bfcl:irrelevance" in outcome.reason and "bfcl:irrelevance_after" in entry.metrics
+    assert entry.metrics["bfcl:irrelevance_base"] == entry.metrics["bfcl:irrelevance_before"]  # no adapter yet
     # Replay: general/abstention conversations mixed in; the registry records the stored episodes trained on.
     assert report["replay"]["general"] >= 1 and report["replay"]["new"] == report["episodes_selected"]
     assert sorted(entry.trained_on) == sorted(report["chosen"]) and "Replayed general" in markdown
@@ -156,6 +157,8 @@ def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(ru
     report = json.loads((outcome.report_dir / "report.json").read_text())
     assert report["reference_ce_base"] != pytest.approx(report["reference_ce_before"], abs=1e-4)
     assert f"reference cross-entropy {report['reference_ce_base']:.3f} -> " in outcome.reason
+    # Regression suites are measured on the base weights too: losses cannot add up over promotions.
+    assert "bfcl:irrelevance_base" in runtime.adapters.get(outcome.version).metrics
 
 
 def _cli(runtime: Runtime, *args: str) -> subprocess.CompletedProcess:

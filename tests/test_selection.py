@@ -148,6 +148,23 @@ def test_gate_rejects_a_regression_beyond_its_tolerance() -> None:
     assert gate(before, better, 0.0, 2.0, 2.0, 0.05, [(abstain, two_less, 0.25)])[0] == "promoted"
 
 
+def test_regressions_are_measured_against_the_better_of_active_and_base() -> None:
+    from selftune.tuning.pipeline import gate, regression_baseline
+    from selftune.tuning.report import SuiteResult
+
+    before, better = SuiteResult(name="heldout", accuracy=0.5, n=4), SuiteResult(name="heldout", accuracy=0.75, n=4)
+    base = SuiteResult(name="irrelevance", accuracy=0.96, n=50)
+    active = SuiteResult(name="irrelevance", accuracy=0.94, n=50)  # promoted 2 points down, at the bound
+    candidate = SuiteResult(name="irrelevance", accuracy=0.92, n=50)  # 2 more: 4 from the start
+
+    assert gate(before, better, 0.0, 2.0, 2.0, 0.05, [(active, candidate, 0.02)])[0] == "promoted"
+    decision, reason = gate(before, better, 0.0, 2.0, 2.0, 0.05,
+                            [(regression_baseline(active, base), candidate, 0.02)])
+    assert decision == "rejected" and reason.startswith("regression: irrelevance (base) 0.96 -> 0.92")
+    gained = SuiteResult(name="irrelevance", accuracy=1.0, n=50)
+    assert regression_baseline(gained, base) is gained  # gains of the active adapter are kept too
+
+
 def test_regression_suites_are_validated_bfcl_categories() -> None:
     from pydantic import ValidationError
 

@@ -9,7 +9,7 @@ candidate then each run the held-out goals, score a fixed public-domain referenc
 candidate is promoted only when its held-out accuracy is at least the active one's plus
 ``promote_margin``, its reference cross-entropy is at most ``reference_tolerance_nats`` above the
 base model's (measured from the base, so drift cannot add up over promotions) and no
-regression suite lost more than its tolerance; a rejected candidate is kept on disk but never
+regression suite lost more than its tolerance against the active adapter or the base model; a rejected candidate is kept on disk but never
 becomes active. The candidate is registered only after its evaluation, so a crash or interrupt
 anywhere before that leaves the registry unchanged.
 """
@@ -35,7 +35,7 @@ from selftune.tuning.report import SuiteResult, TuningReport, write_report
 from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
-__all__ = ["TuningOutcome", "gate", "run_tuning_round"]
+__all__ = ["TuningOutcome", "gate", "regression_baseline", "run_tuning_round"]
 
 Decision = Literal["promoted", "rejected", "skipped"]
 
@@ -70,6 +70,15 @@ def gate(before: SuiteResult, after: SuiteResult, margin: float, reference_befor
     if dropped:
         return "rejected", "regression: " + "; ".join(dropped + [t for t in figures if t not in dropped])
     return "promoted", "; ".join(figures)
+
+
+def regression_baseline(active: SuiteResult, base: SuiteResult) -> SuiteResult:
+    """What a candidate is held to on a regression suite: the better of the active adapter's and the
+    base model's result. A candidate may then lose at most the tolerance against either, so small
+    losses cannot add up over promotions; the base's result is named ``<suite> (base)``."""
+    if base.accuracy > active.accuracy:
+        return base.model_copy(update={"name": f"{base.name} (base)"})
+    return active
 
 
 def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutcome:
@@ -121,6 +130,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     try:
         chat.use_adapter(None, None)  # the base weights; a new adapter, fresh or continuing the active one
         reference_base = chat.cross_entropy(reference_text)
+        suites_base = (evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
+                       if previous else suites_before)
         train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name, start_from)
         chat.use_adapter(out_dir, version)
         after = evaluate_goals(runtime.agent(sync=False), goals)
@@ -128,7 +139,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         suites_after = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
     finally:
         runtime.sync_adapter()
-    regressions = [(suites_before[name], suites_after[name], suite.tolerance)
+    regressions = [(regression_baseline(suites_before[name], suites_base[name]), suites_after[name], suite.tolerance)
                    for suite in tuning.regression_suites if (name := f"bfcl:{suite.category}") in suites_before]
     decision, reason = gate(before, after, tuning.promote_margin, reference_base, reference_after,
                             tuning.reference_tolerance_nats, regressions)
@@ -138,6 +149,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                  "reference_ce_base": reference_base, "reference_ce_before": reference_before,
                  "reference_ce_after": reference_after,
                  "train_loss_last": train.losses[-1], "examples": train.examples,
+                 **{f"{name}_base": result.accuracy for name, result in suites_base.items()},
                  **{f"{name}_before": result.accuracy for name, result in suites_before.items()},
                  **{f"{name}_after": result.accuracy for name, result in suites_after.items()}},
         trained_on=list(dict.fromkeys(episode.id for episode in episodes if episode.origin != "replay")),

@@ -18,7 +18,8 @@ each later round then
    live_simple, live_multiple, irrelevance, live_irrelevance (never trained on; seeded
    samples), plus reference-text cross-entropy;
 4. **gates** it against the active adapter's results with :func:`selftune.tuning.pipeline.gate`
-   (held-out = both held-out suites together; regression suites: the four never-trained ones).
+   (held-out = both held-out suites together; regression suites: the four never-trained ones, each
+   held to the better of the active adapter's and the base model's result).
 
 ``replay=False`` and ``gate=False`` give the ablation (nothing replayed; every candidate
 promoted). :func:`run_fewshot_baseline` is the cheap baseline every adapter must beat: no weight
@@ -54,7 +55,7 @@ from selftune.settings import PROJECT_ROOT, Settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import bfcl_suite
-from selftune.tuning.pipeline import gate
+from selftune.tuning.pipeline import gate, regression_baseline
 from selftune.tuning.replay import earlier_training_data, load_replay_file, mix_replay
 from selftune.tuning.report import SuiteResult
 from selftune.tuning.selection import select_episodes
@@ -247,7 +248,7 @@ def run_self_improvement(
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
-        active = _evaluate(chat, split, eval_limit, tuning.seed)
+        active = base = _evaluate(chat, split, eval_limit, tuning.seed)
         base_ce = chat.cross_entropy(reference)  # the gate bounds drift from the base, not from the active model
         run.rounds.append(BenchRound(
             round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
@@ -289,7 +290,8 @@ def run_self_improvement(
             candidate = _evaluate(chat, split, eval_limit, tuning.seed)
             candidate_ce = chat.cross_entropy(reference)
             seconds.evaluate = round(time.perf_counter() - start, 1)
-            regressions = [(active[name], candidate[name], regression_tolerance) for name in UNTRAINED_SUITES]
+            regressions = [(regression_baseline(active[name], base[name]), candidate[name], regression_tolerance)
+                           for name in UNTRAINED_SUITES]
             decision, reason = gate(active[HELDOUT], candidate[HELDOUT], tuning.promote_margin, base_ce,
                                     candidate_ce, tuning.reference_tolerance_nats, regressions)
             if not use_gate:
