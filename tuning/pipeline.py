@@ -9,9 +9,9 @@ candidate then each run the held-out goals, score a fixed public-domain referenc
 candidate is promoted only when its held-out accuracy is at least the active one's plus
 ``promote_margin``, its reference cross-entropy is at most ``reference_tolerance_nats`` above the
 base model's (measured from the base, so drift cannot add up over promotions) and no
-regression suite lost more than its tolerance against the active adapter or the base model; a rejected candidate is kept on disk but never
-becomes active. The candidate is registered only after its evaluation, so a crash or interrupt
-anywhere before that leaves the registry unchanged.
+regression suite lost more than its tolerance against the active adapter or the base model; a
+rejected candidate is kept on disk but never becomes active. The candidate is registered only
+after its evaluation, so a crash or interrupt anywhere before that leaves the registry unchanged.
 """
 
 from __future__ import annotations
