@@ -38,6 +38,7 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes.legend(fontsize=7, ncol=2)
     options = [
         f"{run.abstain_goals} abstention goals" if run.abstain_goals else "",
+        f"{run.near_miss_goals} near-miss" if run.near_miss_goals else "",
         f"KL {run.kl_weight:g}" if run.kl_weight else "",
         f"no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "",
         f"no-call share >= {run.min_abstention_share:g}" if run.min_abstention_share else "",

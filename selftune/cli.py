@@ -555,6 +555,8 @@ def bench_self_improvement(
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
     abstain_goals: Annotated[int, typer.Option(min=0, help="Abstention goals (train questions offered "
                                                "unrelated functions) collected each round.")] = 20,
+    near_miss_goals: Annotated[int, typer.Option(min=0, help="Further abstention goals offered the closest-reading "
+                                                 "functions that do not fit (near misses).")] = 0,
     kl_weight: Annotated[Optional[float], typer.Option(min=0.0, help="KL-to-base weight on replayed "
                                                        "conversations (default from config).")] = None,
     continue_active: Annotated[bool, typer.Option("--continue", help="Start each candidate from the active "
@@ -594,11 +596,11 @@ def bench_self_improvement(
 
     if fewshot is not None:
         run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot,
-                                   abstain_goals=abstain_goals, work_dir=work_dir)
+                                   abstain_goals=abstain_goals, near_miss_goals=near_miss_goals, work_dir=work_dir)
     else:
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
-                                   work_dir=work_dir, on_round=progress)
+                                   near_miss_goals=near_miss_goals, work_dir=work_dir, on_round=progress)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

@@ -48,6 +48,36 @@ def test_abstention_goals_offer_another_categorys_functions_and_want_no_call() -
     assert abstention_goals(split, 0) == []
 
 
+def test_near_miss_goals_offer_closer_reading_functions_that_still_do_not_fit() -> None:
+    import numpy as np
+
+    from selftune.memory.embeddings import LocalSentenceTransformerEmbedding
+
+    split = make_split(0)
+    goals = abstention_goals(split, 10, near_miss=10)
+    far, near = [q for q, _ in goals if q.id.endswith("~none")], [q for q, _ in goals if q.id.endswith("~near")]
+    assert len(far) == len(near) == 10
+    assert len({q.id.split("~")[0] for q, _ in goals}) == 20  # near misses use questions the far ones do not
+    train = {q.id: q for category in TRAIN_CATEGORIES for q, _ in load_category(category)
+             if q.id in split.train[category]}
+    offered = {tuple(f["name"] for f in q.functions) for q in train.values()}
+    for goal in near:
+        original = train[goal.id.removesuffix("~near")]
+        assert goal.category == "irrelevance" and goal.messages == original.messages
+        assert tuple(f["name"] for f in goal.functions) in offered  # another train question's functions
+        assert {f["name"] for f in goal.functions}.isdisjoint({f["name"] for f in original.functions})
+
+    embed = LocalSentenceTransformerEmbedding()
+
+    def closeness(questions: list) -> float:
+        asks = np.array(embed([q.messages[-1].content for q in questions]))
+        offers = np.array(embed(["; ".join(f"{f['name']}: {f.get('description', '')}" for f in q.functions)
+                                 for q in questions]))
+        return float(np.mean(np.sum(asks * offers, axis=1)))
+
+    assert closeness(near) > closeness(far) + 0.1
+
+
 def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, tmp_path: Path) -> None:
     split = Split(seed=0, train={"simple_python": make_split(0).train["simple_python"][:2]},
                   heldout={"simple_python": make_split(0).heldout["simple_python"][:1]})

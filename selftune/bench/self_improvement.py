@@ -6,8 +6,8 @@ BFCL questions are the goals and BFCL's checker is the verifier reward. A commit
 multiple questions are trained on and which are held out. Round 0 evaluates the base model;
 each later round then
 
-1. **collects**: every train goal, and ``abstain_goals`` abstention goals made from train
-   questions (:func:`abstention_goals`), is attempted ``attempts`` times with the active
+1. **collects**: every train goal, and ``abstain_goals`` + ``near_miss_goals`` abstention goals
+   made from train questions (:func:`abstention_goals`), is attempted ``attempts`` times with the active
    adapter through the constrained tool-call path (the first attempt greedy, the others
    sampled) and stored as an episode (prompt, call) with a verifier reward of 1 or 0;
 2. **tunes**: the production pieces, as ``selftune tune`` runs them: episode selection, replay
@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, Field
@@ -48,6 +49,7 @@ from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages, score_reply
+from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL, LocalSentenceTransformerEmbedding
 from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
 from selftune.memory.vector import VectorMemory
@@ -124,6 +126,7 @@ class SelfImprovementRun(BaseModel):
     attempts: int
     eval_limit: int
     abstain_goals: int = 0
+    near_miss_goals: int = 0
     kl_weight: float = 0.0
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
@@ -163,26 +166,64 @@ def _train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None
     return questions
 
 
-def abstention_goals(split: Split, count: int) -> list[tuple[BfclQuestion, None]]:
-    """``count`` train questions offered the functions of another train question (from the other half
-    of the list, so the other category): no function fits, and the right reply is the no-call answer.
+NEAR_MISS_MAX_SIMILARITY = 0.6  # a near-miss partner's functions stay below this cosine to the question's own
+
+
+def _near_miss_partners(questions: list[BfclQuestion], embedding_model: str) -> list[int]:
+    """For each question, the other question whose functions read closest to it (embedding cosine of the
+    question to the functions' names and descriptions), skipping functions that share a name with the
+    question's own or read like them (cosine at least :data:`NEAR_MISS_MAX_SIMILARITY`): they might fit."""
+    embed = LocalSentenceTransformerEmbedding(embedding_model)
+    described = ["; ".join(f"{f['name']}: {f.get('description', '')}" for f in q.functions) for q in questions]
+    asks = np.array(embed([q.messages[-1].content for q in questions]))
+    offers = np.array(embed(described))
+    to_question, to_functions = asks @ offers.T, offers @ offers.T
+    partners = []
+    for index, question in enumerate(questions):
+        names = {f["name"] for f in question.functions}
+        partners.append(next(
+            (int(other) for other in np.argsort(-to_question[index], kind="stable")
+             if other != index and to_functions[index, other] < NEAR_MISS_MAX_SIMILARITY
+             and names.isdisjoint(f["name"] for f in questions[other].functions)), (index + 1) % len(questions)))
+    return partners
+
+
+def abstention_goals(split: Split, count: int, near_miss: int = 0,
+                     embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> list[tuple[BfclQuestion, None]]:
+    """Train questions offered functions that do not fit them: the right reply is the no-call answer.
+
+    ``count`` questions (``~none``) get the functions of a train question from the other half of
+    the list (so the other category); ``near_miss`` further questions (``~near``, from those not
+    used yet) get the closest-reading other functions that still do not fit
+    (:func:`_near_miss_partners`): a plausible but wrong tool, as in BFCL's irrelevance category.
     Abstention is learned from the model's own verified refusals, never from BFCL's irrelevance data."""
     questions = [question for question, _ in _train_questions(split)]
-    if count <= 0 or len(questions) < 2:
+    if len(questions) < 2:
         return []
-    half, step = len(questions) // 2, max(1, len(questions) // count)
-    goals = []
-    for index in range(0, len(questions), step)[:count]:
-        question, other = questions[index], questions[(index + half) % len(questions)]
-        goals.append((question.model_copy(update={
-            "id": f"{question.id}~none", "category": "irrelevance", "functions": other.functions}), None))
+
+    def spread(indices: list[int], wanted: int) -> list[int]:
+        return indices[::max(1, len(indices) // wanted)][:wanted] if wanted > 0 else []
+
+    def goal(index: int, other: int, suffix: str) -> tuple[BfclQuestion, None]:
+        question = questions[index]
+        return question.model_copy(update={
+            "id": f"{question.id}~{suffix}", "category": "irrelevance",
+            "functions": questions[other].functions}), None
+
+    half = len(questions) // 2
+    far = spread(list(range(len(questions))), count)
+    goals = [goal(index, (index + half) % len(questions), "none") for index in far]
+    near = spread([index for index in range(len(questions)) if index not in set(far)], near_miss)
+    if near:
+        partners = _near_miss_partners(questions, embedding_model)
+        goals += [goal(index, partners[index], "near") for index in near]
     return goals
 
 
 def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
-             abstain_goals: int) -> tuple[int, int]:
+             abstain: list[tuple[BfclQuestion, None]]) -> tuple[int, int]:
     total = solved = 0
-    for question, answer in _train_questions(split) + abstention_goals(split, abstain_goals):
+    for question, answer in _train_questions(split) + abstain:
         for attempt in range(attempts):
             solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
             total += 1
@@ -228,6 +269,7 @@ def run_self_improvement(
     use_gate: bool = True,
     regression_tolerance: float = 0.02,
     abstain_goals: int = 20,
+    near_miss_goals: int = 0,
     split: Split | None = None,
     work_dir: Path | None = None,
     on_round: Any = None,
@@ -238,10 +280,11 @@ def run_self_improvement(
     chat = _local_chat(settings)
     model, tokenizer = chat.model, chat.tokenizer
     reference = tuning.reference_file.read_text()
+    abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
     general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
-                             kl_weight=tuning.kl_weight if replay else 0.0,
+                             near_miss_goals=near_miss_goals, kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share)
@@ -259,7 +302,7 @@ def run_self_improvement(
         for number in range(1, rounds + 1):
             seconds = PhaseSeconds()
             start = time.perf_counter()
-            total, solved = _collect(store, chat, split, attempts, temperature, abstain_goals)
+            total, solved = _collect(store, chat, split, attempts, temperature, abstain)
             seconds.collect = round(time.perf_counter() - start, 1)
 
             start = time.perf_counter()
@@ -342,6 +385,7 @@ def run_fewshot_baseline(
     eval_limit: int = 50,
     shots: int = 2,
     abstain_goals: int = 20,
+    near_miss_goals: int = 0,
     split: Split | None = None,
     work_dir: Path | None = None,
 ) -> SelfImprovementRun:
@@ -349,7 +393,8 @@ def run_fewshot_baseline(
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
     chat = _local_chat(settings)
     run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
-                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals)
+                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
+                             near_miss_goals=near_miss_goals)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         start = time.perf_counter()
         base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
@@ -357,7 +402,8 @@ def run_fewshot_baseline(
                                      seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
         seconds = PhaseSeconds()
         start = time.perf_counter()
-        total, solved = _collect(store, chat, split, attempts, temperature, abstain_goals)
+        abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
+        total, solved = _collect(store, chat, split, attempts, temperature, abstain)
         memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
         exemplars = _exemplar_memory(store, memory, shots)
         seconds.collect = round(time.perf_counter() - start, 1)
