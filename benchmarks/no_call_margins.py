@@ -6,8 +6,8 @@ At the tool-name position (the prompt, then ``{"tool": "``) the margin is the lo
 the first token of ``none`` minus the best first token of an offered function's name: above zero
 the greedy reply is the no-call answer. Printed per model: the share of questions refused in
 each set (held-out train-category questions, which want a call; BFCL irrelevance, and the
-benchmark's own abstention goals, which want none), how well the margin separates them (AUC),
-and what a bias added to the margin would trade. One forward pass per question (the sets of
+benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, which want
+none), how well the margin separates them (AUC), and what a bias added to the margin would trade. One forward pass per question (the sets of
 ``selftune bench self-improvement``: the committed split, 50 seeded irrelevance questions).
 """
 
@@ -51,6 +51,7 @@ def main(
     adapter: Annotated[Path, typer.Option(help="Adapter directory to compare with the base weights.")],
     model: Annotated[str, typer.Option(help="Model name.")] = "smollm2-135m-instruct",
     abstain_goals: Annotated[int, typer.Option(help="Benchmark abstention goals to include.")] = 40,
+    near_miss_goals: Annotated[int, typer.Option(help="Benchmark near-miss abstention goals to include.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Write every margin as JSON.")] = None,
 ) -> None:
     settings = load_settings(model={"name": model})
@@ -61,6 +62,9 @@ def main(
         "irrelevance": [q for q, _ in load_category("irrelevance", limit=50, seed=settings.tuning.seed)],
         "abstention goals": [q for q, _ in abstention_goals(split, abstain_goals)],
     }
+    if near_miss_goals:
+        near = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
+        sets["near-miss goals"] = [q for q, _ in near[abstain_goals:]]
     margins: dict[str, dict[str, list[float]]] = {}
     for label, path in (("base", None), ("adapter", adapter)):
         chat.use_adapter(path, path.name if path else None)
