@@ -184,7 +184,8 @@ def _near_miss_partners(questions: list[BfclQuestion], embedding_model: str) -> 
         partners.append(next(
             (int(other) for other in np.argsort(-to_question[index], kind="stable")
              if other != index and to_functions[index, other] < NEAR_MISS_MAX_SIMILARITY
-             and names.isdisjoint(f["name"] for f in questions[other].functions)), (index + 1) % len(questions)))
+             and names.isdisjoint(f["name"] for f in questions[other].functions)),
+            (index + len(questions) // 2) % len(questions)))  # none qualifies: the far partner
     return partners
 
 
@@ -213,7 +214,8 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
     half = len(questions) // 2
     far = spread(list(range(len(questions))), count)
     goals = [goal(index, (index + half) % len(questions), "none") for index in far]
-    near = spread([index for index in range(len(questions)) if index not in set(far)], near_miss)
+    taken = set(far)
+    near = spread([index for index in range(len(questions)) if index not in taken], near_miss)
     if near:
         partners = _near_miss_partners(questions, embedding_model)
         goals += [goal(index, partners[index], "near") for index in near]
