@@ -7,8 +7,9 @@ the first token of ``none`` minus the best first token of an offered function's 
 the greedy reply is the no-call answer. Printed per model: the share of questions refused in
 each set (held-out train-category questions, which want a call; BFCL irrelevance, and the
 benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, which want
-none), how well the margin separates them (AUC), and what a bias added to the margin would trade. One forward pass per question (the sets of
-``selftune bench self-improvement``: the committed split, 50 seeded irrelevance questions).
+none), how well the margin separates them (AUC), and what a bias added to the margin would
+trade. One forward pass per question (the sets of ``selftune bench self-improvement``: the
+committed split, 50 seeded irrelevance questions).
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ def main(
     sets = {
         "heldout": [q for c, ids in split.heldout.items() for q, _ in load_category(c) if q.id in set(ids)],
         "irrelevance": [q for q, _ in load_category("irrelevance", limit=50, seed=settings.tuning.seed)],
-        "abstention goals": [q for q, _ in abstention_goals(split, abstain_goals)],
     }
+    goals = [q for q, _ in abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)]
+    sets["abstention goals"] = [q for q in goals if q.id.endswith("~none")]
     if near_miss_goals:
-        near = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
-        sets["near-miss goals"] = [q for q, _ in near[abstain_goals:]]
+        sets["near-miss goals"] = [q for q in goals if q.id.endswith("~near")]
     margins: dict[str, dict[str, list[float]]] = {}
     for label, path in (("base", None), ("adapter", adapter)):
         chat.use_adapter(path, path.name if path else None)

@@ -15,6 +15,7 @@ from selftune.bench.self_improvement import (
     UNTRAINED_SUITES,
     Split,
     abstention_goals,
+    functions_text,
     make_split,
     run_fewshot_baseline,
     run_self_improvement,
@@ -71,8 +72,7 @@ def test_near_miss_goals_offer_closer_reading_functions_that_still_do_not_fit() 
 
     def closeness(questions: list) -> float:
         asks = np.array(embed([q.messages[-1].content for q in questions]))
-        offers = np.array(embed(["; ".join(f"{f['name']}: {f.get('description', '')}" for f in q.functions)
-                                 for q in questions]))
+        offers = np.array(embed([functions_text(q) for q in questions]))
         return float(np.mean(np.sum(asks * offers, axis=1)))
 
     assert closeness(near) > closeness(far) + 0.1
@@ -86,13 +86,13 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
         tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0, "lora_target_modules": ["q_proj", "v_proj"],
                 "kl_weight": 1.0})
     seen = []
-    run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, split=split,
-                               work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
-    assert seen == [1, 2] and run.abstain_goals == 1 and run.kl_weight == 1.0
+    run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, near_miss_goals=1,
+                               split=split, work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
+    assert seen == [1, 2] and run.abstain_goals == run.near_miss_goals == 1 and run.kl_weight == 1.0
     base, first = run.rounds
     suites = {f"{HELDOUT}:simple_python", HELDOUT, *UNTRAINED_SUITES}
     assert base.decision == "base" and set(base.active) == suites and base.reference_ce > 0
-    assert first.attempts == 6 and 0 <= first.solved_attempts <= 6 and first.selected >= 1  # 2 goals + 1 abstention
+    assert first.attempts == 8 and 0 <= first.solved_attempts <= 8 and first.selected >= 1  # 2 goals + 1 far + 1 near
     assert first.replayed >= 1  # general/abstention conversations mixed in
     assert first.decision in ("promoted", "rejected") and "held-out accuracy" in first.reason
     assert set(first.candidate) == suites and first.seconds.collect > 0 and first.seconds.train > 0
@@ -102,8 +102,8 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
 
     with EpisodeStore(tmp_path / "work" / "episodes.sqlite3") as store:
         episodes = store.scored(min_score=0.0)
-    assert len(episodes) == 6 and all(e.origin == "bfcl-train" for e in episodes)
-    assert sum("~none:" in e.goal for e in episodes) == 2
+    assert len(episodes) == 8 and all(e.origin == "bfcl-train" for e in episodes)
+    assert sum("~none:" in e.goal for e in episodes) == sum("~near:" in e.goal for e in episodes) == 2
     assert all(e.rewards[0].source == "verifier" for e in episodes)
     assert not any(split.heldout["simple_python"][0] + ":" in e.goal for e in episodes)  # held-out never collected
     registry = json.loads((tmp_path / "work" / "adapters" / "registry.json").read_text())

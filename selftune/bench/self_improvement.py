@@ -64,7 +64,7 @@ from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
 __all__ = [
-    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "make_split",
+    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "functions_text", "make_split",
     "run_fewshot_baseline", "run_self_improvement",
 ]
 
@@ -169,14 +169,18 @@ def _train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None
 NEAR_MISS_MAX_SIMILARITY = 0.6  # a near-miss partner's functions stay below this cosine to the question's own
 
 
+def functions_text(question: BfclQuestion) -> str:
+    """The offered functions' names and descriptions, as the near-miss pairing embeds them."""
+    return "; ".join(f"{f['name']}: {f.get('description', '')}" for f in question.functions)
+
+
 def _near_miss_partners(questions: list[BfclQuestion], embedding_model: str) -> list[int]:
     """For each question, the other question whose functions read closest to it (embedding cosine of the
     question to the functions' names and descriptions), skipping functions that share a name with the
     question's own or read like them (cosine at least :data:`NEAR_MISS_MAX_SIMILARITY`): they might fit."""
     embed = LocalSentenceTransformerEmbedding(embedding_model)
-    described = ["; ".join(f"{f['name']}: {f.get('description', '')}" for f in q.functions) for q in questions]
     asks = np.array(embed([q.messages[-1].content for q in questions]))
-    offers = np.array(embed(described))
+    offers = np.array(embed([functions_text(q) for q in questions]))
     to_question, to_functions = asks @ offers.T, offers @ offers.T
     partners = []
     for index, question in enumerate(questions):
