@@ -553,6 +553,9 @@ def bench_self_improvement(
     rounds: Annotated[int, typer.Option(min=1, help="Collect-tune-gate rounds after the base evaluation.")] = 3,
     attempts: Annotated[int, typer.Option(min=1, help="Attempts per train goal per round (first greedy).")] = 4,
     eval_limit: Annotated[int, typer.Option(min=1, help="Seeded questions per never-trained suite.")] = 50,
+    train_per_category: Annotated[Optional[int], typer.Option(min=1, help="Grow the committed split's train "
+                                                              "questions to this many per category (held-out "
+                                                              "unchanged).")] = None,
     abstain_goals: Annotated[int, typer.Option(min=0, help="Abstention goals (train questions offered "
                                                "unrelated functions) collected each round.")] = 20,
     near_miss_goals: Annotated[int, typer.Option(min=0, help="Further abstention goals offered the closest-reading "
@@ -570,7 +573,13 @@ def bench_self_improvement(
     as_json: JsonFlag = False,
 ) -> None:
     """Self-tuning on BFCL goals with the checker as reward: per-round accuracy on held-out and untrained suites."""
-    from selftune.bench.self_improvement import run_fewshot_baseline, run_self_improvement
+    from selftune.bench.self_improvement import (
+        SPLIT_FILE,
+        Split,
+        run_fewshot_baseline,
+        run_self_improvement,
+        widen_train,
+    )
     from selftune.tuning.methods import get_method
 
     settings = _settings(model)
@@ -582,6 +591,12 @@ def bench_self_improvement(
     if kl_weight is not None:
         settings.tuning.kl_weight = kl_weight
     settings.tuning.continue_from_active |= continue_active
+    split = Split.model_validate_json(SPLIT_FILE.read_text())
+    if train_per_category is not None:
+        try:
+            split = widen_train(split, train_per_category)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--train-per-category") from None
 
     def save(run) -> None:
         if out is not None:
@@ -596,11 +611,13 @@ def bench_self_improvement(
 
     if fewshot is not None:
         run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot,
-                                   abstain_goals=abstain_goals, near_miss_goals=near_miss_goals, work_dir=work_dir)
+                                   abstain_goals=abstain_goals, near_miss_goals=near_miss_goals, split=split,
+                                   work_dir=work_dir)
     else:
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
-                                   near_miss_goals=near_miss_goals, work_dir=work_dir, on_round=progress)
+                                   near_miss_goals=near_miss_goals, split=split, work_dir=work_dir,
+                                   on_round=progress)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

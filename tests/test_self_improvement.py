@@ -19,6 +19,7 @@ from selftune.bench.self_improvement import (
     make_split,
     run_fewshot_baseline,
     run_self_improvement,
+    widen_train,
 )
 from selftune.bfcl import load_category
 from selftune.memory.episodes import EpisodeStore
@@ -31,6 +32,31 @@ def test_committed_split_is_the_seeded_split_and_disjoint() -> None:
     for category in TRAIN_CATEGORIES:
         train, heldout = set(committed.train[category]), set(committed.heldout[category])
         assert len(train) == 40 and len(heldout) == 30 and not train & heldout
+
+
+def test_widened_train_keeps_held_out_and_adds_only_unused_questions() -> None:
+    committed = Split.model_validate_json(SPLIT_FILE.read_text())
+    wide = widen_train(committed, 80)
+    assert wide.heldout == committed.heldout and wide == widen_train(committed, 80)
+    for category in TRAIN_CATEGORIES:
+        train = set(wide.train[category])
+        assert len(train) == 80 and train >= set(committed.train[category])
+        assert not train & set(committed.heldout[category])
+    assert widen_train(committed, 40) == committed
+    with pytest.raises(ValueError, match="cannot shrink"):
+        widen_train(committed, 39)
+    with pytest.raises(ValueError, match="multiple has only 130 questions outside the split"):
+        widen_train(committed, 171)
+
+
+def test_bench_self_improvement_rejects_a_train_split_larger_than_the_data() -> None:
+    from typer.testing import CliRunner
+
+    from selftune.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "self-improvement", "--train-per-category", "500"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "simple_python has only 330 questions outside the split" in result.output
 
 
 def test_abstention_goals_offer_another_categorys_functions_and_want_no_call() -> None:

@@ -65,7 +65,7 @@ from selftune.tuning.trainer import train_adapter
 
 __all__ = [
     "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "functions_text", "make_split",
-    "run_fewshot_baseline", "run_self_improvement",
+    "run_fewshot_baseline", "run_self_improvement", "widen_train",
 ]
 
 SPLIT_FILE = PROJECT_ROOT / "configs" / "self_improvement_split.json"
@@ -94,6 +94,24 @@ def make_split(seed: int = 0, train_per_category: int = 40, heldout_per_category
         train[category] = sorted(ids[:train_per_category])
         heldout[category] = sorted(ids[train_per_category:train_per_category + heldout_per_category])
     return Split(seed=seed, train=train, heldout=heldout)
+
+
+def widen_train(split: Split, per_category: int) -> Split:
+    """``split`` with train grown to ``per_category`` questions per category, drawn (seeded by the
+    split's seed) from the questions neither side uses; held-out stays exactly as it is."""
+    rng = random.Random(split.seed)
+    train = {}
+    for category, ids in split.train.items():
+        if per_category < len(ids):
+            raise ValueError(f"train has {len(ids)} {category} questions already; cannot shrink to {per_category}")
+        used = set(ids) | set(split.heldout.get(category, []))
+        unused = sorted(question.id for question, _ in load_category(category) if question.id not in used)
+        rng.shuffle(unused)
+        if len(unused) < per_category - len(ids):
+            raise ValueError(f"{category} has only {len(unused)} questions outside the split; "
+                             f"cannot grow train to {per_category}")
+        train[category] = sorted(ids + unused[:per_category - len(ids)])
+    return split.model_copy(update={"train": train})
 
 
 class PhaseSeconds(BaseModel):
@@ -125,6 +143,7 @@ class SelfImprovementRun(BaseModel):
     gate: bool
     attempts: int
     eval_limit: int
+    train_questions: int = 80
     abstain_goals: int = 0
     near_miss_goals: int = 0
     kl_weight: float = 0.0
@@ -156,6 +175,10 @@ def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, an
         model_id=chat.model_id, adapter_version=chat.adapter_version, steps=steps,
         rewards=[Reward(episode_id=episode_id, source="verifier", value=float(result.valid), note=result.error)]))
     return result.valid
+
+
+def _count(ids: dict[str, list[str]]) -> int:
+    return sum(len(category_ids) for category_ids in ids.values())
 
 
 def _train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None]]:
@@ -289,8 +312,8 @@ def run_self_improvement(
     abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
     general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
-                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
-                             near_miss_goals=near_miss_goals, kl_weight=tuning.kl_weight if replay else 0.0,
+                             attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
+                             abstain_goals=abstain_goals, near_miss_goals=near_miss_goals, kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share)
@@ -399,8 +422,8 @@ def run_fewshot_baseline(
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
     chat = _local_chat(settings)
     run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
-                             attempts=attempts, eval_limit=eval_limit, abstain_goals=abstain_goals,
-                             near_miss_goals=near_miss_goals)
+                             attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
+                             abstain_goals=abstain_goals, near_miss_goals=near_miss_goals)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         start = time.perf_counter()
         base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
