@@ -22,7 +22,7 @@ import torch
 import typer
 
 from selftune.agent.constrained import NO_CALL_TOOL
-from selftune.bench.self_improvement import SPLIT_FILE, Split, _local_chat, abstention_goals
+from selftune.bench.self_improvement import SPLIT_FILE, Split, _local_chat, abstention_goals, widen_train
 from selftune.bfcl import BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages
 from selftune.settings import load_settings
@@ -53,11 +53,14 @@ def main(
     model: Annotated[str, typer.Option(help="Model name.")] = "smollm2-135m-instruct",
     abstain_goals: Annotated[int, typer.Option(help="Benchmark abstention goals to include.")] = 40,
     near_miss_goals: Annotated[int, typer.Option(help="Benchmark near-miss abstention goals to include.")] = 0,
+    train_per_category: Annotated[Optional[int], typer.Option(help="The run's --train-per-category, if any.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write every margin as JSON.")] = None,
 ) -> None:
     settings = load_settings(model={"name": model})
     chat = _local_chat(settings)
     split = Split.model_validate_json(SPLIT_FILE.read_text())
+    if train_per_category is not None:
+        split = widen_train(split, train_per_category)
     sets = {
         "heldout": [q for c, ids in split.heldout.items() for q, _ in load_category(c) if q.id in set(ids)],
         "irrelevance": [q for q, _ in load_category("irrelevance", limit=50, seed=settings.tuning.seed)],
