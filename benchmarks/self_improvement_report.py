@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -37,6 +38,7 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7, ncol=2)
     options = [
+        f"{run.train_questions} train questions" if run.train_questions != 80 else "",
         f"{run.abstain_goals} abstention goals" if run.abstain_goals else "",
         f"{run.near_miss_goals} near-miss" if run.near_miss_goals else "",
         f"KL {run.kl_weight:g}" if run.kl_weight else "",
@@ -46,7 +48,7 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     ]
     extra = "".join(f", {option}" for option in options if option) + (
         "" if run.replay and run.gate else " (ablation)")
-    axes.set_title(f"{run.model}, {run.method}{extra}")
+    axes.set_title("\n".join(textwrap.wrap(f"{run.model}, {run.method}{extra}", 90, break_on_hyphens=False)), fontsize=9)
     figure.savefig(out)
 
 
