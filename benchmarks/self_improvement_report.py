@@ -48,7 +48,8 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
     ]
     extra = "".join(f", {option}" for option in options if option) + (
         "" if run.replay and run.gate else " (ablation)")
-    axes.set_title("\n".join(textwrap.wrap(f"{run.model}, {run.method}{extra}", 90, break_on_hyphens=False)), fontsize=9)
+    title = textwrap.wrap(f"{run.model}, {run.method}{extra}", 90, break_on_hyphens=False)
+    axes.set_title("\n".join(title), fontsize=9)
     figure.savefig(out)
 
 
