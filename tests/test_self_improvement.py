@@ -115,6 +115,7 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
     run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, near_miss_goals=1,
                                split=split, work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
     assert seen == [1, 2] and run.abstain_goals == run.near_miss_goals == 1 and run.kl_weight == 1.0
+    assert run.train_questions == 2
     base, first = run.rounds
     suites = {f"{HELDOUT}:simple_python", HELDOUT, *UNTRAINED_SUITES}
     assert base.decision == "base" and set(base.active) == suites and base.reference_ce > 0

@@ -313,7 +313,8 @@ def run_self_improvement(
     general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
-                             abstain_goals=abstain_goals, near_miss_goals=near_miss_goals, kl_weight=tuning.kl_weight if replay else 0.0,
+                             abstain_goals=abstain_goals, near_miss_goals=near_miss_goals,
+                             kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share)
