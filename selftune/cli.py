@@ -560,6 +560,9 @@ def bench_self_improvement(
                                                "unrelated functions) collected each round.")] = 20,
     near_miss_goals: Annotated[int, typer.Option(min=0, help="Further abstention goals offered the closest-reading "
                                                  "functions that do not fit (near misses).")] = 0,
+    call_required_attempts: Annotated[int, typer.Option(min=0, help="Further attempts per train goal with the "
+                                                        "no-call answer withheld (first greedy); verified "
+                                                        "calls become training data.")] = 0,
     kl_weight: Annotated[Optional[float], typer.Option(min=0.0, help="KL-to-base weight on replayed "
                                                        "conversations (default from config).")] = None,
     continue_active: Annotated[bool, typer.Option("--continue", help="Start each candidate from the active "
@@ -616,8 +619,8 @@ def bench_self_improvement(
     else:
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
-                                   near_miss_goals=near_miss_goals, split=split, work_dir=work_dir,
-                                   on_round=progress)
+                                   near_miss_goals=near_miss_goals, call_required_attempts=call_required_attempts,
+                                   split=split, work_dir=work_dir, on_round=progress)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

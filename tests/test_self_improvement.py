@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from selftune.agent.constrained import NO_CALL_TOOL
 from selftune.bench.self_improvement import (
+    CALL_REQUIRED_ORIGIN,
     HELDOUT,
     SPLIT_FILE,
     TRAIN_CATEGORIES,
@@ -113,13 +115,16 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
                 "kl_weight": 1.0})
     seen = []
     run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, near_miss_goals=1,
-                               split=split, work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
+                               call_required_attempts=1, split=split, work_dir=tmp_path / "work",
+                               on_round=lambda r: seen.append(len(r.rounds)))
     assert seen == [1, 2] and run.abstain_goals == run.near_miss_goals == 1 and run.kl_weight == 1.0
-    assert run.train_questions == 2
+    assert run.train_questions == 2 and run.call_required_attempts == 1
     base, first = run.rounds
     suites = {f"{HELDOUT}:simple_python", HELDOUT, *UNTRAINED_SUITES}
     assert base.decision == "base" and set(base.active) == suites and base.reference_ce > 0
-    assert first.attempts == 8 and 0 <= first.solved_attempts <= 8 and first.selected >= 1  # 2 goals + 1 far + 1 near
+    # 2 goals + 1 far + 1 near, twice each, then each goal once more with a call required
+    assert first.attempts == 10 and first.call_required_solved <= min(first.solved_attempts, 2)
+    assert first.selected >= 1
     assert first.replayed >= 1  # general/abstention conversations mixed in
     assert first.decision in ("promoted", "rejected") and "held-out accuracy" in first.reason
     assert set(first.candidate) == suites and first.seconds.collect > 0 and first.seconds.train > 0
@@ -129,7 +134,12 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
 
     with EpisodeStore(tmp_path / "work" / "episodes.sqlite3") as store:
         episodes = store.scored(min_score=0.0)
-    assert len(episodes) == 8 and all(e.origin == "bfcl-train" for e in episodes)
+    assert len(episodes) == 10
+    required = [e for e in episodes if e.origin == CALL_REQUIRED_ORIGIN]
+    assert len(required) == 2 and all(e.origin == "bfcl-train" for e in episodes if e not in required)
+    assert all(e.steps[-1].message.tool_calls and e.steps[-1].message.tool_calls[0].name != NO_CALL_TOOL
+               for e in required)  # the no-call answer was withheld: every reply is a call
+    assert sum(e.rewards[0].value for e in required) == first.call_required_solved
     assert sum("~none:" in e.goal for e in episodes) == sum("~near:" in e.goal for e in episodes) == 2
     assert all(e.rewards[0].source == "verifier" for e in episodes)
     assert not any(split.heldout["simple_python"][0] + ":" in e.goal for e in episodes)  # held-out never collected

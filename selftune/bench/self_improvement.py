@@ -9,7 +9,10 @@ each later round then
 1. **collects**: every train goal, and ``abstain_goals`` + ``near_miss_goals`` abstention goals
    made from train questions (:func:`abstention_goals`), is attempted ``attempts`` times with the active
    adapter through the constrained tool-call path (the first attempt greedy, the others
-   sampled) and stored as an episode (prompt, call) with a verifier reward of 1 or 0;
+   sampled) and stored as an episode (prompt, call) with a verifier reward of 1 or 0; with
+   ``call_required_attempts`` each train goal also gets that many attempts with the no-call answer
+   withheld (a hint, as STaR's rationalisation: the model's own call on a question it would
+   refuse), stored with the same prompt and kept only when verified;
 2. **tunes**: the production pieces, as ``selftune tune`` runs them: episode selection, replay
    mixing (earlier promoted episodes and ``configs/replay.jsonl``), training from the base
    weights (or the active adapter's, ``tuning.continue_from_active``), with ``tuning.kl_weight``'s
@@ -132,6 +135,7 @@ class BenchRound(BaseModel):
     selected: int = 0
     abstentions: int | None = None  # of the selected, no-call answers (None: not recorded)
     oversampled: int = 0  # extra copies of no-call answers (tuning.min_abstention_share)
+    call_required_solved: int = 0  # of solved_attempts, those made with the no-call answer withheld
     replayed: int = 0
     seconds: PhaseSeconds = Field(default_factory=PhaseSeconds)
 
@@ -146,6 +150,7 @@ class SelfImprovementRun(BaseModel):
     train_questions: int = 80
     abstain_goals: int = 0
     near_miss_goals: int = 0
+    call_required_attempts: int = 0
     kl_weight: float = 0.0
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
@@ -153,10 +158,14 @@ class SelfImprovementRun(BaseModel):
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
-def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, answer: Any, temperature: float) -> bool:
+CALL_REQUIRED_ORIGIN = "bfcl-train-call-required"
+
+
+def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, answer: Any, temperature: float,
+                    allow_no_call: bool = True) -> bool:
     messages = build_messages(question)
     reply = generate(chat, messages, max_tokens=256, temperature=temperature, tools=question.tools(),
-                     allow_no_call=True)
+                     allow_no_call=allow_no_call)
     text = str(reply.content)
     _, _, result = score_reply(question, answer, text)
     try:
@@ -171,7 +180,8 @@ def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, an
              model_id=chat.model_id, adapter_version=chat.adapter_version, trainable=bool(calls)),
     ]
     store.create_episode(Episode(
-        id=episode_id, goal=f"{question.id}: {messages[-1].content}", status="done", origin="bfcl-train",
+        id=episode_id, goal=f"{question.id}: {messages[-1].content}", status="done",
+        origin="bfcl-train" if allow_no_call else CALL_REQUIRED_ORIGIN,
         model_id=chat.model_id, adapter_version=chat.adapter_version, steps=steps,
         rewards=[Reward(episode_id=episode_id, source="verifier", value=float(result.valid), note=result.error)]))
     return result.valid
@@ -250,13 +260,19 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
 
 
 def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
-             abstain: list[tuple[BfclQuestion, None]]) -> tuple[int, int]:
-    total = solved = 0
+             abstain: list[tuple[BfclQuestion, None]], call_required_attempts: int = 0) -> tuple[int, int, int]:
+    """Attempt every train and abstention goal; (attempts, solved, solved with the call required)."""
+    total = solved = required_solved = 0
     for question, answer in _train_questions(split) + abstain:
         for attempt in range(attempts):
             solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
             total += 1
-    return total, solved
+    for question, answer in _train_questions(split):
+        for attempt in range(call_required_attempts):
+            valid = _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature,
+                                    allow_no_call=False)
+            solved, required_solved, total = solved + valid, required_solved + valid, total + 1
+    return total, solved, required_solved
 
 
 def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
@@ -299,6 +315,7 @@ def run_self_improvement(
     regression_tolerance: float = 0.02,
     abstain_goals: int = 20,
     near_miss_goals: int = 0,
+    call_required_attempts: int = 0,
     split: Split | None = None,
     work_dir: Path | None = None,
     on_round: Any = None,
@@ -314,6 +331,7 @@ def run_self_improvement(
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
                              abstain_goals=abstain_goals, near_miss_goals=near_miss_goals,
+                             call_required_attempts=call_required_attempts,
                              kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
@@ -332,7 +350,8 @@ def run_self_improvement(
         for number in range(1, rounds + 1):
             seconds = PhaseSeconds()
             start = time.perf_counter()
-            total, solved = _collect(store, chat, split, attempts, temperature, abstain)
+            total, solved, required_solved = _collect(store, chat, split, attempts, temperature, abstain,
+                                                      call_required_attempts)
             seconds.collect = round(time.perf_counter() - start, 1)
 
             start = time.perf_counter()
@@ -343,6 +362,7 @@ def run_self_improvement(
                                        tuning.seed + number)
             examples = build_examples(episodes, tokenizer, tuning.max_seq_len)
             result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
+                                call_required_solved=required_solved,
                                 selected=len(selection.selected), abstentions=selection.abstentions,
                                 oversampled=len(selection.oversampled), replayed=mix.earlier + mix.general)
             if not examples:
@@ -433,7 +453,7 @@ def run_fewshot_baseline(
         seconds = PhaseSeconds()
         start = time.perf_counter()
         abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
-        total, solved = _collect(store, chat, split, attempts, temperature, abstain)
+        total, solved, _ = _collect(store, chat, split, attempts, temperature, abstain)
         memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
         exemplars = _exemplar_memory(store, memory, shots)
         seconds.collect = round(time.perf_counter() - start, 1)
