@@ -45,6 +45,7 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
         f"no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "",
         f"no-call share >= {run.min_abstention_share:g}" if run.min_abstention_share else "",
         "continued" if run.continue_from_active else "",
+        f"{run.call_required_attempts} call-required attempt(s)" if run.call_required_attempts else "",
     ]
     extra = "".join(f", {option}" for option in options if option) + (
         "" if run.replay and run.gate else " (ablation)")
@@ -62,10 +63,16 @@ def table(run: SelfImprovementRun) -> str:
         cells += [f"{r.candidate[s]:.2f}" if s in r.candidate else "–" for s in SUITES]
         cells += [f"{r.reference_ce:.3f}" if r.reference_ce is not None else "–",
                   f"{r.seconds.collect:.0f}", f"{r.seconds.train:.0f}", f"{r.seconds.evaluate:.0f}",
-                  f"{r.solved_attempts}/{r.attempts}" if r.attempts else "–",
-                  _selected(r)]
+                  _solved(r), _selected(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _solved(r: BenchRound) -> str:
+    if not r.attempts:
+        return "–"
+    required = f" ({r.call_required_solved} call required)" if r.call_required_solved else ""
+    return f"{r.solved_attempts}/{r.attempts}{required}"
 
 
 def _selected(r: BenchRound) -> str:
