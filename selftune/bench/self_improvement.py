@@ -262,17 +262,18 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
 def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
              abstain: list[tuple[BfclQuestion, None]], call_required_attempts: int = 0) -> tuple[int, int, int]:
     """Attempt every train and abstention goal; (attempts, solved, solved with the call required)."""
+    train = _train_questions(split)
     total = solved = required_solved = 0
-    for question, answer in _train_questions(split) + abstain:
+    for question, answer in train + abstain:
         for attempt in range(attempts):
             solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
             total += 1
-    for question, answer in _train_questions(split):
+    for question, answer in train:
         for attempt in range(call_required_attempts):
-            valid = _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature,
-                                    allow_no_call=False)
-            solved, required_solved, total = solved + valid, required_solved + valid, total + 1
-    return total, solved, required_solved
+            required_solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature,
+                                               allow_no_call=False)
+            total += 1
+    return total, solved + required_solved, required_solved
 
 
 def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
