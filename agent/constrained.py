@@ -97,6 +97,8 @@ _INTEGER_LIMIT = 10**15 - 1
 _GUARD_RECHECK = 8
 # Below this the run-time string bound is not used (a token can be longer than the room left).
 _MIN_RUNTIME_STRING_CAP = 32
+# Where the reply chooses between the offered tools and the no-call answer (``no_call_bias``).
+_CALL_OPENING = b'{"tool": "'
 
 _ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly", "$schema", "$id"}
@@ -503,13 +505,16 @@ class GrammarCache:
         stop_token_ids: int | Iterable[int] | None = None,
         max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
         max_items: int = DEFAULT_MAX_ITEMS,
+        no_call_bias: float = 0.0,
     ) -> ToolCallLogitsProcessor:
         """A fresh :class:`ToolCallLogitsProcessor` for one ``generate`` call (see there)."""
         grammar = self.compile_tools(
             tools, allow_no_call, max_calls, max_string_length=max_string_length, max_items=max_items
         )
         return ToolCallLogitsProcessor(
-            grammar, self, max_new_tokens=max_new_tokens, prefix=prefix, stop_token_ids=stop_token_ids
+            grammar, self, max_new_tokens=max_new_tokens, prefix=prefix, stop_token_ids=stop_token_ids,
+            no_call_bias=no_call_bias if allow_no_call else 0.0,
+            tool_names=[function["name"] for function in openai_functions(tools)],
         )
 
     def __len__(self) -> int:
@@ -694,6 +699,7 @@ class _Row:
     expected: tuple[int, list[int]] | None = None  # the token the guard found safe, and the plan after it
     next_plan: list[int] | None = None  # the closing plan from the current state, when known
     failed: bool = False
+    head: bytes = b""  # the reply's first bytes (prefix included), up to the tool name of a single call
 
 
 class ToolCallLogitsProcessor(LogitsProcessor):
@@ -713,6 +719,12 @@ class ToolCallLogitsProcessor(LogitsProcessor):
     whenever the budget allows one at all; sampling can still draw an unchecked
     token, and then :meth:`completion` finishes the reply.
 
+    ``no_call_bias``: added to the log-score of the no-call answer where the reply chooses
+    between it and the offered tools (``tool_names``), i.e. at the tool name of
+    ``{"tool": "`` (leading whitespace aside): above 0 the model abstains more often. Only tokens
+    that start ``none`` and no offered tool's name get it, so a tool named like ``nonempty``
+    keeps its shared first tokens unbiased.
+
     Works for batches (one matcher per row). Statistics: ``steps``, ``forced_tokens``,
     ``mask_seconds`` (time spent in this processor).
     """
@@ -727,8 +739,13 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         stop_token_ids: int | Iterable[int] | None = None,
         guard_window: int = 48,
         guard_top_k: int = 3,
+        no_call_bias: float = 0.0,
+        tool_names: Iterable[str] = (),
     ) -> None:
         self.grammar, self.cache, self.vocab = grammar, cache, cache.vocab
+        self.no_call_bias = no_call_bias
+        self._tool_names = [name.encode() for name in tool_names]
+        self._no_call_tokens: dict[bytes, np.ndarray] = {}
         self.max_new_tokens, self.prefix = max_new_tokens, prefix
         if stop_token_ids is None:
             stops = list(cache.tokenizer_info.stop_token_ids)
@@ -760,7 +777,31 @@ class ToolCallLogitsProcessor(LogitsProcessor):
             if not matcher.accept_string(self.prefix):
                 raise ValueError(f"the grammar does not accept the prefix {self.prefix!r}")
             text.feed(self.prefix.encode())
-        return _Row(matcher=matcher, text=text)
+        row = _Row(matcher=matcher, text=text)
+        self._track_head(row, self.prefix.encode())
+        return row
+
+    def _no_call_choice(self, head: bytes) -> np.ndarray:
+        """Tokens that, written after ``head``, choose the no-call answer over every offered tool:
+        they reach into the tool name and spell the start of ``none"`` but of no ``<tool>"``."""
+        tokens = self._no_call_tokens.get(head)
+        if tokens is None:
+            def after_head(name: bytes) -> bytes:
+                return (_CALL_OPENING + name + b'"')[len(head):]
+
+            others = [after_head(name) for name in self._tool_names]
+            wanted = after_head(NO_CALL_TOOL.encode())
+            reach = len(_CALL_OPENING) - len(head)
+            spellings = [wanted[:size] for size in range(reach + 1, len(wanted) + 1)]
+            ids = {self.vocab.lookup[data] for data in spellings if data in self.vocab.lookup
+                   and not any(other.startswith(data) for other in others)}
+            tokens = self._no_call_tokens[head] = np.array(sorted(ids), dtype=np.int64)
+        return tokens
+
+    @staticmethod
+    def _track_head(row: _Row, data: bytes) -> None:
+        if len(row.head) <= len(_CALL_OPENING):
+            row.head = (row.head + data).lstrip()[: len(_CALL_OPENING) + 1]
 
     def _check_prefix(self) -> None:
         self._new_row()  # raises early on a prefix the grammar rejects
@@ -772,6 +813,7 @@ class ToolCallLogitsProcessor(LogitsProcessor):
             row.accepted += 1
             if 0 <= token < len(self.vocab.tokens) and token not in self.stop_token_ids:
                 row.text.feed(self.vocab.tokens[token])
+                self._track_head(row, self.vocab.tokens[token])
             if row.plan:
                 if row.plan[0] == token:
                     row.plan.pop(0)
@@ -903,6 +945,8 @@ class ToolCallLogitsProcessor(LogitsProcessor):
             if i in forced:
                 continue
             row_scores = array[i]
+            if self.no_call_bias and _CALL_OPENING.startswith(row.head):
+                row_scores[self._no_call_choice(row.head)] += self.no_call_bias
             if self._layout:
                 strung = self.vocab.strung[(row.text.in_string, row.text.escape)]
                 row_scores[strung[strung < width]] = -np.inf

@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMe
 from langchain_core.outputs import ChatGeneration, ChatResult
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
-from pydantic import Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from selftune.agent.constrained import grammar_cache, openai_functions
@@ -22,7 +22,16 @@ from selftune.agent.prefix_cache import PrefixCache
 from selftune.agent.speculative import greedy_decode
 from selftune.agent.virtual_prefix import VirtualPrefix
 
-__all__ = ["LocalChatModel"]
+__all__ = ["DECODING_FILE", "AdapterDecoding", "LocalChatModel"]
+
+DECODING_FILE = "selftune_decoding.json"
+"""Decoding settings saved beside an adapter's weights (:class:`AdapterDecoding`)."""
+
+
+class AdapterDecoding(BaseModel):
+    """Decoding settings that belong to one adapter's weights and are applied with them."""
+
+    no_call_bias: float = 0.0  # added to the no-call answer's score in tool calls (see ToolCallLogitsProcessor)
 
 _ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
 
@@ -70,7 +79,7 @@ class LocalChatModel(BaseChatModel):
     returned content), and for grammar-constrained tool calls ``tools`` (LangChain
     tools or OpenAI function dicts), ``allow_no_call`` and ``max_calls`` (above 1 the
     reply may be a JSON list of calls). Generation and adapter switches are
-    serialised by a lock.
+    serialised by a lock. ``no_call_bias`` comes with the active adapter (its :data:`DECODING_FILE`).
     """
 
     model: Any = Field(exclude=True)  # transformers PreTrainedModel: the base weights
@@ -85,6 +94,7 @@ class LocalChatModel(BaseChatModel):
     # and verify them in one forward pass (same output, fewer passes; see agent/speculative.py).
     jump_forward: bool = True
     lookup_tokens: int = Field(8, ge=0)
+    no_call_bias: float = 0.0
 
     _active: Any = PrivateAttr(None)  # the base model or a PeftModel wrapping it
     _virtual: VirtualPrefix | None = PrivateAttr(None)  # a prompt/prefix-tuning adapter's virtual positions
@@ -119,7 +129,8 @@ class LocalChatModel(BaseChatModel):
         """Activate the PEFT adapter (LoRA, prompt or prefix tuning) saved at ``path``; None restores base weights.
 
         ``version`` defaults to the adapter directory's name. If loading fails the
-        base weights stay active.
+        base weights stay active. The adapter's :data:`DECODING_FILE`, if any, sets ``no_call_bias``
+        (0 without one and for the base weights).
         """
         with self._lock:
             if isinstance(self._active, PeftModel) and isinstance(self._active.base_model, BaseTuner):
@@ -127,13 +138,17 @@ class LocalChatModel(BaseChatModel):
                 # tuning leaves the base model untouched).
                 self._active.base_model.unload()
             self._active, self.adapter_version, self._virtual = self.model, None, None
+            self.no_call_bias = 0.0
             self._prefix_cache.clear()  # keys and values change with the weights
             if path is not None:
                 _check_adapter_dir(Path(path))
+                decoding = Path(path) / DECODING_FILE
+                settings = AdapterDecoding.model_validate_json(decoding.read_text()) if decoding.is_file() else None
                 adapter = PeftModel.from_pretrained(self.model, str(path)).eval()
                 if adapter.active_peft_config.is_prompt_learning:  # leaves the base modules untouched
                     self._virtual = VirtualPrefix.of(adapter, self.model.dtype)
                 self._active, self.adapter_version = adapter, version or Path(path).name
+                self.no_call_bias = settings.no_call_bias if settings else 0.0
 
     def render_prompt(self, messages: list[BaseMessage], prefix: str = "") -> str:
         """The model's chat-template text for ``messages``, opened for the assistant's reply."""
@@ -185,7 +200,7 @@ class LocalChatModel(BaseChatModel):
             # Grammar-constrained decoding: the reply is always a valid call of one of ``tools``.
             processor = grammar_cache(self.tokenizer, self.model.config.vocab_size).processor(
                 openai_functions(tools), max_new_tokens=max_new_tokens, prefix=prefix,
-                allow_no_call=allow_no_call, max_calls=max_calls,
+                allow_no_call=allow_no_call, max_calls=max_calls, no_call_bias=self.no_call_bias,
                 stop_token_ids=self.model.generation_config.eos_token_id)
             options["logits_processor"] = LogitsProcessorList([processor])
             stop = []  # a stop string could cut the JSON the grammar guarantees

@@ -563,6 +563,9 @@ def bench_self_improvement(
     call_required_attempts: Annotated[int, typer.Option(min=0, help="Further attempts per train goal with the "
                                                         "no-call answer withheld (first greedy); verified "
                                                         "calls become training data.")] = 0,
+    calibration_goals: Annotated[int, typer.Option(min=0, help="Questions outside the split (half offered "
+                                                   "mismatched functions) that set each candidate's no-call "
+                                                   "bias; 0: no bias.")] = 0,
     kl_weight: Annotated[Optional[float], typer.Option(min=0.0, help="KL-to-base weight on replayed "
                                                        "conversations (default from config).")] = None,
     continue_active: Annotated[bool, typer.Option("--continue", help="Start each candidate from the active "
@@ -620,7 +623,7 @@ def bench_self_improvement(
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
                                    near_miss_goals=near_miss_goals, call_required_attempts=call_required_attempts,
-                                   split=split, work_dir=work_dir, on_round=progress)
+                                   calibration_count=calibration_goals, split=split, work_dir=work_dir, on_round=progress)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

@@ -542,3 +542,43 @@ def test_mask_overhead_per_token(smol: tuple[Any, Any], cache: GrammarCache) -> 
         f"processor {per_step_ms:.2f} ms/step, forced {processor.forced_tokens}"
     )
     assert per_step_ms < 50  # ~0.5 ms on an idle core; generous for shared CI machines
+
+
+def _scripted_choice(cache: GrammarCache, tokenizer: Any, tools: list[dict[str, Any]], bias: float,
+                     favourites: dict[str, float]) -> str:
+    """The tool a greedy reply picks when ``favourites`` (token text -> score) lead and the rest is flat."""
+    processor = cache.processor(tools, max_new_tokens=40, prefix=PREFIX, allow_no_call=True, no_call_bias=bias,
+                                stop_token_ids=tokenizer.eos_token_id)
+    scores = torch.zeros(1, cache.vocab.size)
+    for text, value in favourites.items():
+        scores[0, cache.vocab.lookup[text.encode()]] = value
+    tokens = _drive(processor, lambda step: scores, 40, tokenizer.eos_token_id)[0]
+    return json.loads(PREFIX + tokenizer.decode(tokens, skip_special_tokens=True) + processor.completion(tokens))["tool"]
+
+
+def test_no_call_bias_moves_the_choice_between_a_tool_and_no_call(cache: GrammarCache, tokenizer: Any) -> None:
+    favourites = {"none": 1.0, "calcul": 2.0}  # the tool leads the no-call answer by 1 nat
+    assert _scripted_choice(cache, tokenizer, TOOLS, 0.0, favourites) == "calculator"
+    assert _scripted_choice(cache, tokenizer, TOOLS, 0.5, favourites) == "calculator"
+    assert _scripted_choice(cache, tokenizer, TOOLS, 1.5, favourites) == NO_CALL_TOOL
+    assert _scripted_choice(cache, tokenizer, TOOLS, -5.0, {"none": 3.0, "calcul": 2.0}) == "calculator"
+
+
+def test_no_call_bias_needs_the_no_call_answer_offered(cache: GrammarCache) -> None:
+    processor = cache.processor(TOOLS, max_new_tokens=8, prefix=PREFIX, allow_no_call=False, no_call_bias=3.0)
+    assert processor.no_call_bias == 0.0
+
+
+def test_no_call_bias_leaves_tokens_shared_with_a_tool_name_alone(cache: GrammarCache) -> None:
+    """A tool named ``nonstop_flight`` shares ``n``/``no``/``non`` with ``none``: those stay unbiased."""
+    nonstop = {"name": "nonstop_flight", "description": "Book a nonstop flight.",
+               "parameters": {"type": "object", "properties": {}}}
+    processor = cache.processor([nonstop, CALCULATOR], max_new_tokens=8, prefix=PREFIX, allow_no_call=True,
+                                no_call_bias=1.0)
+    chosen = set(processor._no_call_choice(PREFIX.encode()).tolist())
+    lookup = cache.vocab.lookup
+    assert lookup[b"none"] in chosen
+    assert chosen.isdisjoint(lookup[text] for text in (b"n", b"no", b"non") if text in lookup)
+    # Before the opening is complete a token must still reach into the name: ' "none' does, ' "' does not.
+    partial = set(processor._no_call_choice(b'{"tool":').tolist())
+    assert lookup.get(b' "') not in partial

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from selftune.agent import models
 from selftune.agent.chat_models import build_chat_model
-from selftune.agent.local_chat import LocalChatModel
+from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
 from selftune.agent.models import (
     DEFAULT_MODEL,
     WeightFile,
@@ -30,6 +31,7 @@ from selftune.agent.models import (
     prepare_model,
 )
 from selftune.settings import ConfigError, ModelSettings, Settings
+from selftune.tuning.calibration import save_decoding
 
 SMOL = "smollm2-135m-instruct"
 PREFIX = '{"tool": "'
@@ -389,3 +391,19 @@ def test_py_model_spec_builds_the_named_chat_model() -> None:
 
     model = build_chat_model(ModelSettings(name="py:daemon_model:build"), Path("/nonexistent"))
     assert model.invoke("What is 2*3?").content  # a working LangChain chat model from tests/daemon_model.py
+
+
+def test_an_adapters_decoding_file_sets_its_no_call_bias(chat: LocalChatModel, lora_dir: Path, tmp_path: Path) -> None:
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(lora_dir, calibrated)
+    save_decoding(calibrated, AdapterDecoding(no_call_bias=1.25))
+    try:
+        chat.use_adapter(calibrated)
+        assert chat.no_call_bias == 1.25
+        chat.use_adapter(lora_dir)  # no decoding file: no bias
+        assert chat.no_call_bias == 0.0
+        chat.use_adapter(calibrated)
+        chat.use_adapter(None, None)  # the base weights never carry one
+        assert chat.no_call_bias == 0.0
+    finally:
+        chat.use_adapter(None, None)

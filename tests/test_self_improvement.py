@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding
 from selftune.bench.self_improvement import (
     CALL_REQUIRED_ORIGIN,
     HELDOUT,
@@ -17,6 +18,7 @@ from selftune.bench.self_improvement import (
     UNTRAINED_SUITES,
     Split,
     abstention_goals,
+    calibration_goals,
     functions_text,
     make_split,
     run_fewshot_baseline,
@@ -26,6 +28,7 @@ from selftune.bench.self_improvement import (
 from selftune.bfcl import load_category
 from selftune.memory.episodes import EpisodeStore
 from selftune.settings import load_settings
+from selftune.tuning.calibration import BIAS_GRID
 
 
 def test_committed_split_is_the_seeded_split_and_disjoint() -> None:
@@ -115,7 +118,8 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
                 "kl_weight": 1.0})
     seen = []
     run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, near_miss_goals=1,
-                               call_required_attempts=1, split=split, work_dir=tmp_path / "work",
+                               call_required_attempts=1, calibration_count=2, split=split,
+                               work_dir=tmp_path / "work",
                                on_round=lambda r: seen.append(len(r.rounds)))
     assert seen == [1, 2] and run.abstain_goals == run.near_miss_goals == 1 and run.kl_weight == 1.0
     assert run.train_questions == 2 and run.call_required_attempts == 1
@@ -145,6 +149,25 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
     assert not any(split.heldout["simple_python"][0] + ":" in e.goal for e in episodes)  # held-out never collected
     registry = json.loads((tmp_path / "work" / "adapters" / "registry.json").read_text())
     assert registry["versions"]["v0001"]["status"] == first.decision
+    # The candidate was evaluated with its calibrated no-call bias, saved beside its weights.
+    assert run.calibration_goals == 2 and run.base_refused in (0.0, 0.5, 1.0)
+    assert first.calibration is not None and first.calibration.abstain_questions == 2
+    assert first.calibration.refused >= first.calibration.target or first.calibration.bias == max(BIAS_GRID)
+    decoding = AdapterDecoding.model_validate_json(
+        (tmp_path / "work" / "adapters" / "v0001" / DECODING_FILE).read_text())
+    assert decoding.no_call_bias == first.calibration.bias
+
+
+def test_calibration_goals_lie_outside_the_split_and_pair_each_question_both_ways() -> None:
+    split = widen_train(make_split(0), 100)
+    abstain, call = calibration_goals(split, 6)
+    used = {i for ids in (*split.train.values(), *split.heldout.values()) for i in ids}
+    assert len(abstain) == len(call) == 6
+    assert sum(q.id.endswith("~none") for q in abstain) == sum(q.id.endswith("~near") for q in abstain) == 3
+    for wrong, right in zip(abstain, call, strict=True):
+        assert right.id not in used and wrong.id.rsplit("~", 1)[0] == right.id
+        assert wrong.messages == right.messages and wrong.category == "irrelevance"
+        assert {f["name"] for f in wrong.functions}.isdisjoint(f["name"] for f in right.functions)
 
 
 def test_bench_self_improvement_rejects_an_unknown_method() -> None:

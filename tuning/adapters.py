@@ -29,7 +29,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from selftune.memory.records import utc_now
 
-__all__ = ["AdapterStatus", "AdapterVersion", "Activation", "RegistryState", "RegistryError", "AdapterRegistry"]
+__all__ = [
+    "AdapterStatus", "AdapterVersion", "Activation", "RegistryState", "RegistryError", "AdapterRegistry", "write_atomic",
+]
 
 AdapterStatus = Literal["candidate", "promoted", "rejected"]
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -78,6 +80,26 @@ def _activation_stack(state: RegistryState) -> list[str | None]:
     return stack
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class AdapterRegistry:
     """Adapter versions under ``root`` and which one (if any) the agent serves."""
 
@@ -99,22 +121,7 @@ class AdapterRegistry:
             ) from error
 
     def _write(self, state: RegistryState) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".registry.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(state.model_dump_json(indent=2).encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.file)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.file, state.model_dump_json(indent=2).encode())
 
     @contextlib.contextmanager
     def _update(self) -> Iterator[RegistryState]:

@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field
 
 from selftune.agent.generation import generate
 from selftune.agent.models import load_causal_lm
-from selftune.agent.local_chat import LocalChatModel
+from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages, score_reply
@@ -58,6 +58,7 @@ from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
 from selftune.memory.vector import VectorMemory
 from selftune.settings import PROJECT_ROOT, Settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
+from selftune.tuning.calibration import NoCallCalibration, calibrate, no_call_margin, refusal_share, save_decoding
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import bfcl_suite
 from selftune.tuning.pipeline import gate, regression_baseline
@@ -67,7 +68,8 @@ from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
 __all__ = [
-    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "functions_text", "make_split",
+    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "calibration_goals",
+    "functions_text", "make_split",
     "run_fewshot_baseline", "run_self_improvement", "widen_train",
 ]
 
@@ -137,6 +139,7 @@ class BenchRound(BaseModel):
     oversampled: int = 0  # extra copies of no-call answers (tuning.min_abstention_share)
     call_required_solved: int = 0  # of solved_attempts, those made with the no-call answer withheld
     replayed: int = 0
+    calibration: NoCallCalibration | None = None  # the candidate's no-call bias (--calibration-goals)
     seconds: PhaseSeconds = Field(default_factory=PhaseSeconds)
 
 
@@ -151,6 +154,8 @@ class SelfImprovementRun(BaseModel):
     abstain_goals: int = 0
     near_miss_goals: int = 0
     call_required_attempts: int = 0
+    calibration_goals: int = 0
+    base_refused: float | None = None  # share of the calibration abstention goals the base model refuses
     kl_weight: float = 0.0
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
@@ -235,7 +240,26 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
     used yet) get the closest-reading other functions that still do not fit
     (:func:`_near_miss_partners`): a plausible but wrong tool, as in BFCL's irrelevance category.
     Abstention is learned from the model's own verified refusals, never from BFCL's irrelevance data."""
-    questions = [question for question, _ in _train_questions(split)]
+    return _mismatched([question for question, _ in _train_questions(split)], count, near_miss, embedding_model)
+
+
+def calibration_goals(split: Split, count: int,
+                      embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
+    """Questions of :data:`TRAIN_CATEGORIES` outside the split (never trained on, never gated on) for the
+    no-call calibration: ``(abstain, call)``, ``count`` of them offered mismatched functions (half far,
+    half near misses, as :func:`abstention_goals`) and the same questions with their own functions."""
+    pool = []
+    for category in TRAIN_CATEGORIES:
+        used = set(split.train.get(category, [])) | set(split.heldout.get(category, []))
+        pool += [question for question, _ in load_category(category) if question.id not in used]
+    abstain = [question for question, _ in _mismatched(pool, count // 2, count - count // 2, embedding_model)]
+    originals = {question.id: question for question in pool}
+    return abstain, [originals[question.id.rsplit("~", 1)[0]] for question in abstain]
+
+
+def _mismatched(questions: list[BfclQuestion], count: int, near_miss: int,
+                embedding_model: str) -> list[tuple[BfclQuestion, None]]:
+    """``count`` far and ``near_miss`` near-miss pairings of ``questions`` with functions that do not fit."""
     if len(questions) < 2:
         return []
 
@@ -317,6 +341,7 @@ def run_self_improvement(
     abstain_goals: int = 20,
     near_miss_goals: int = 0,
     call_required_attempts: int = 0,
+    calibration_count: int = 0,
     split: Split | None = None,
     work_dir: Path | None = None,
     on_round: Any = None,
@@ -332,7 +357,7 @@ def run_self_improvement(
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
                              abstain_goals=abstain_goals, near_miss_goals=near_miss_goals,
-                             call_required_attempts=call_required_attempts,
+                             call_required_attempts=call_required_attempts, calibration_goals=calibration_count,
                              kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
@@ -342,6 +367,11 @@ def run_self_improvement(
         start = time.perf_counter()
         active = base = _evaluate(chat, split, eval_limit, tuning.seed)
         base_ce = chat.cross_entropy(reference)  # the gate bounds drift from the base, not from the active model
+        calibration_set = (calibration_goals(split, calibration_count, settings.memory.embedding_model)
+                           if calibration_count else ([], []))
+        if calibration_count:
+            run.base_refused = refusal_share([no_call_margin(chat, q) for q in calibration_set[0]], 0.0)
+        active_refused = run.base_refused
         run.rounds.append(BenchRound(
             round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
             active={k: v.accuracy for k, v in active.items()}, reference_ce=base_ce,
@@ -381,6 +411,11 @@ def run_self_improvement(
 
             start = time.perf_counter()
             chat.use_adapter(out_dir, version)
+            if calibration_count:
+                abstain, call = ([no_call_margin(chat, q) for q in questions] for questions in calibration_set)
+                result.calibration = calibrate(abstain, call, target=max(run.base_refused, active_refused))
+                save_decoding(out_dir, AdapterDecoding(no_call_bias=result.calibration.bias))
+                chat.use_adapter(out_dir, version)
             candidate = _evaluate(chat, split, eval_limit, tuning.seed)
             candidate_ce = chat.cross_entropy(reference)
             seconds.evaluate = round(time.perf_counter() - start, 1)
@@ -397,6 +432,7 @@ def run_self_improvement(
             if decision == "promoted":
                 registry.promote(version, reason)
                 active = candidate
+                active_refused = result.calibration.refused if result.calibration else active_refused
             else:
                 registry.reject(version, reason)
                 chat.use_adapter(previous)

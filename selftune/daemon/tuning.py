@@ -128,14 +128,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from selftune.runtime import Runtime
     from selftune.settings import load_settings
+    from selftune.tuning.adapters import write_atomic
     from selftune.tuning.pipeline import run_tuning_round
 
     outcome = run_tuning_round(Runtime(load_settings(args.config)), method=args.method)
     result = {"decision": outcome.decision, "reason": outcome.reason, "version": outcome.version,
               "report_dir": str(outcome.report_dir) if outcome.report_dir else None}
-    tmp = args.result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, args.result)
+    write_atomic(args.result, json.dumps(result).encode())
     log.info("tuning %s: %s", outcome.decision, outcome.reason)
     return 0
 

@@ -1,0 +1,66 @@
+"""The no-call bias: choosing it from margins, and its effect on real greedy decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.generation import generate
+from selftune.agent.local_chat import LocalChatModel
+from selftune.agent.models import load_causal_lm
+from selftune.bfcl import load_category
+from selftune.bfcl.harness import build_messages
+from selftune.tuning.calibration import calibrate, no_call_margin, refusal_share
+
+SMOL = "smollm2-135m-instruct"
+
+
+def test_calibration_picks_the_smallest_bias_that_refuses_enough() -> None:
+    abstain = [-1.6, -0.6, 0.4, 1.4]  # refused at bias 0: 2 of 4
+    call = [-3.0, -1.1, 0.2]
+    assert refusal_share(abstain, 0.0) == 0.5 and refusal_share(abstain, 0.75) == 0.75
+    chosen = calibrate(abstain, call, target=0.75)
+    assert chosen.bias == 0.75 and chosen.refused == 0.75 and chosen.target == 0.75
+    assert chosen.called == pytest.approx(2 / 3)  # -1.1 + 0.75 and -3.0 + 0.75 still call
+    assert chosen.abstain_questions == 4 and chosen.call_questions == 3
+    # Over-refusing candidates get a negative bias: more calls at the same abstention.
+    assert calibrate(abstain, call, target=0.25).bias < 0
+    assert calibrate(abstain, [], target=0.25).called is None
+
+
+def test_calibration_that_cannot_reach_its_target_takes_the_largest_bias() -> None:
+    chosen = calibrate([-10.0, -9.0], [-1.0], target=1.0, grid=(0.0, 1.0, 2.0))
+    assert chosen.bias == 2.0 and chosen.refused == 0.0
+
+
+def test_calibration_needs_abstention_questions() -> None:
+    with pytest.raises(ValueError, match="at least one abstention question"):
+        calibrate([], [0.0], target=0.5)
+
+
+@pytest.fixture(scope="module")
+def chat(model_cache: Path) -> LocalChatModel:
+    model, tokenizer = load_causal_lm(SMOL, model_cache)
+    return LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL)
+
+
+def test_the_margin_predicts_where_the_bias_flips_greedy_decoding(chat: LocalChatModel) -> None:
+    """Through the real model and grammar: just above -margin the reply is the no-call answer,
+    just below it a call."""
+    question = load_category("simple_python", limit=1, seed=0)[0][0]
+    margin = no_call_margin(chat, question)
+
+    def tool(bias: float) -> str:
+        chat.no_call_bias = bias
+        reply = generate(chat, build_messages(question), max_tokens=64, temperature=0.0,
+                         tools=question.tools(), allow_no_call=True)
+        return json.loads(reply.content)["tool"]
+
+    try:
+        assert tool(-margin + 0.3) == NO_CALL_TOOL
+        assert tool(-margin - 0.3) in {t["function"]["name"] for t in question.tools()}
+    finally:
+        chat.no_call_bias = 0.0

@@ -1,0 +1,78 @@
+"""The no-call bias: an adapter's threshold between calling a tool and answering that none fits.
+
+Tuning on the model's own verified calls teaches it to call more readily, and that
+readiness carries over to questions no offered tool fits: abstention suites drop although the
+candidate separates the two kinds of question better than the base model does (measured in
+``docs/self_improvement.md``). So the threshold is set apart from the weights. At the tool-name
+position (the prompt, then ``{"tool": "``) the *margin* is the log-probability of the first token
+of ``none`` minus that of the best first token of an offered tool's name; greedy decoding
+answers "no tool" when margin + bias > 0 (``ToolCallLogitsProcessor``'s ``no_call_bias``).
+
+:func:`calibrate` picks the smallest bias on :data:`BIAS_GRID` at which the candidate refuses
+at least ``target`` of a set of abstention questions it was never trained or gated on (the
+share the model it would replace refuses), and reports what share of call questions it still
+calls on. The bias is saved beside the adapter's weights (:data:`DECODING_FILE`), so it is
+applied wherever the adapter is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding, LocalChatModel
+from selftune.bfcl import BfclQuestion
+from selftune.bfcl.harness import build_messages
+from selftune.tuning.adapters import write_atomic
+
+__all__ = ["BIAS_GRID", "NoCallCalibration", "calibrate", "no_call_margin", "refusal_share", "save_decoding"]
+
+BIAS_GRID = tuple(step / 4 for step in range(-8, 17))  # -2.0 to +4.0 nats in quarters
+
+
+class NoCallCalibration(BaseModel):
+    bias: float
+    target: float  # share of the abstention questions to refuse at least
+    refused: float  # share refused at ``bias``
+    called: float | None  # share of the call questions still answered with a call at ``bias``
+    abstain_questions: int
+    call_questions: int
+
+
+def no_call_margin(chat: LocalChatModel, question: BfclQuestion) -> float:
+    """log P(first token of ``none``) - max log P(first token of an offered tool's name), with the
+    active adapter, at the tool-name position of ``question``'s reply."""
+    prompt = chat.render_prompt(build_messages(question)) + '{"tool": "'
+    scores = chat.next_token_logits(prompt).log_softmax(-1)
+
+    def first(name: str) -> float:
+        return float(scores[chat.tokenizer(name, add_special_tokens=False)["input_ids"][0]])
+
+    return first(NO_CALL_TOOL) - max(first(tool["function"]["name"]) for tool in question.tools())
+
+
+def refusal_share(margins: Sequence[float], bias: float) -> float:
+    """Share of ``margins`` that answer "no tool" with ``bias`` added."""
+    return sum(margin + bias > 0 for margin in margins) / len(margins) if margins else 0.0
+
+
+def calibrate(abstain_margins: Sequence[float], call_margins: Sequence[float], target: float,
+              grid: Sequence[float] = BIAS_GRID) -> NoCallCalibration:
+    """The smallest bias on ``grid`` that refuses at least ``target`` of ``abstain_margins``
+    (the largest when none does)."""
+    if not abstain_margins:
+        raise ValueError("calibration needs at least one abstention question")
+    ordered = sorted(grid)
+    bias = next((b for b in ordered if refusal_share(abstain_margins, b) >= target - 1e-9), ordered[-1])
+    return NoCallCalibration(
+        bias=bias, target=target, refused=refusal_share(abstain_margins, bias),
+        called=1.0 - refusal_share(call_margins, bias) if call_margins else None,
+        abstain_questions=len(abstain_margins), call_questions=len(call_margins))
+
+
+def save_decoding(adapter_dir: Path, decoding: AdapterDecoding) -> None:
+    """Write ``decoding`` beside the adapter's weights (:data:`DECODING_FILE`), atomically."""
+    write_atomic(Path(adapter_dir) / DECODING_FILE, decoding.model_dump_json(indent=2).encode())
