@@ -2,14 +2,19 @@
 
     .venv/bin/python benchmarks/no_call_margins.py --adapter WORK_DIR/adapters/v0001 [--out F.json]
 
-At the tool-name position (the prompt, then ``{"tool": "``) the margin is the log-probability of
-the first token of ``none`` minus the best first token of an offered function's name: above zero
-the greedy reply is the no-call answer. Printed per model: the share of questions refused in
-each set (held-out train-category questions, which want a call; BFCL irrelevance, and the
+At the tool-name position (the prompt, then ``{"tool": "``) the margin
+(:func:`selftune.tuning.calibration.no_call_margin`) is the log-probability of the first token of
+``none`` minus the best first token of an offered function's name: above zero the greedy reply is
+the no-call answer. Printed per model: the share of questions refused in each set (held-out
+train-category questions, which want a call; BFCL irrelevance and live_irrelevance, and the
 benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, which want
-none), how well the margin separates them (AUC), and what a bias added to the margin would
-trade. One forward pass per question (the sets of ``selftune bench self-improvement``: the
-committed split, 50 seeded irrelevance questions).
+none), how well the margin separates them (AUC), and what a no-call bias added to the margin
+would trade, including the held-out questions still solved: those whose greedy call with the
+no-call answer withheld passes the checker and whose biased margin stays below zero (a bias
+changes only the call-or-not choice). One forward pass per question and one generation per
+held-out question (the sets of ``selftune bench self-improvement``: the committed split, 50
+seeded questions per irrelevance category). Margins are raw: an adapter's saved bias is one row of
+the table.
 """
 
 from __future__ import annotations
@@ -18,28 +23,22 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
-from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.generation import generate
 from selftune.bench.self_improvement import SPLIT_FILE, Split, _local_chat, abstention_goals, widen_train
-from selftune.bfcl import BfclQuestion, load_category
-from selftune.bfcl.harness import build_messages
+from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
+from selftune.bfcl.harness import build_messages, score_reply
 from selftune.settings import load_settings
+from selftune.tuning.calibration import no_call_margin, refusal_share
 
-BIASES = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+BIASES = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
-def _margin(chat, question: BfclQuestion) -> float:
-    prompt = chat.render_prompt(build_messages(question)) + '{"tool": "'
-    ids = chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        scores = chat.model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
-
-    def first(name: str) -> float:
-        return scores[chat.tokenizer(name, add_special_tokens=False)["input_ids"][0]].item()
-
-    return first(NO_CALL_TOOL) - max(first(tool["function"]["name"]) for tool in question.tools())
+def _solved_with_call_required(chat, question: BfclQuestion, answer: BfclAnswer | None) -> bool:
+    reply = generate(chat, build_messages(question), max_tokens=256, temperature=0.0, tools=question.tools(),
+                     allow_no_call=False)
+    return score_reply(question, answer, str(reply.content))[2].valid
 
 
 def _auc(refusing: list[float], calling: list[float]) -> float:
@@ -61,29 +60,32 @@ def main(
     split = Split.model_validate_json(SPLIT_FILE.read_text())
     if train_per_category is not None:
         split = widen_train(split, train_per_category)
-    sets = {
-        "heldout": [q for c, ids in split.heldout.items() for q, _ in load_category(c) if q.id in set(ids)],
-        "irrelevance": [q for q, _ in load_category("irrelevance", limit=50, seed=settings.tuning.seed)],
-    }
+    heldout = [(q, a) for c, ids in split.heldout.items() for q, a in load_category(c) if q.id in set(ids)]
+    sets = {"heldout": [q for q, _ in heldout]}
+    for category in ("irrelevance", "live_irrelevance"):
+        sets[category] = [q for q, _ in load_category(category, limit=50, seed=settings.tuning.seed)]
     goals = [q for q, _ in abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)]
     sets["abstention goals"] = [q for q in goals if q.id.endswith("~none")]
     if near_miss_goals:
         sets["near-miss goals"] = [q for q in goals if q.id.endswith("~near")]
     margins: dict[str, dict[str, list[float]]] = {}
+    solvable: dict[str, list[bool]] = {}
     for label, path in (("base", None), ("adapter", adapter)):
         chat.use_adapter(path, path.name if path else None)
-        margins[label] = {name: [_margin(chat, q) for q in questions] for name, questions in sets.items()}
-    typer.echo("| model | bias | " + " | ".join(f"{name} refused" for name in sets) + " |")
-    typer.echo("| --- | ---: | " + " | ".join("---:" for _ in sets) + " |")
+        margins[label] = {name: [no_call_margin(chat, q) for q in questions] for name, questions in sets.items()}
+        solvable[label] = [_solved_with_call_required(chat, q, a) for q, a in heldout]
+    typer.echo("| model | bias | held-out solved | " + " | ".join(f"{name} refused" for name in sets) + " |")
+    typer.echo("| --- | ---: | ---: | " + " | ".join("---:" for _ in sets) + " |")
     for label, by_set in margins.items():
         for bias in BIASES:
-            shares = [sum(m + bias > 0 for m in values) / len(values) for values in by_set.values()]
-            typer.echo(f"| {label} | {bias:+.1f} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
+            solved = sum(m + bias <= 0 and ok for m, ok in zip(by_set["heldout"], solvable[label])) / len(heldout)
+            shares = [refusal_share(values, bias) for values in by_set.values()]
+            typer.echo(f"| {label} | {bias:+.1f} | {solved:.2f} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
     for label, by_set in margins.items():
         typer.echo(f"{label}: AUC irrelevance vs held-out {_auc(by_set['irrelevance'], by_set['heldout']):.3f}, "
                    f"abstention goals vs held-out {_auc(by_set['abstention goals'], by_set['heldout']):.3f}")
     if out is not None:
-        out.write_text(json.dumps(margins))
+        out.write_text(json.dumps({"margins": margins, "solved_with_call_required": solvable}))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
         f"no-call share >= {run.min_abstention_share:g}" if run.min_abstention_share else "",
         "continued" if run.continue_from_active else "",
         f"{run.call_required_attempts} call-required attempt(s)" if run.call_required_attempts else "",
+        f"no-call bias from {run.calibration_goals} questions" if run.calibration_goals else "",
     ]
     extra = "".join(f", {option}" for option in options if option) + (
         "" if run.replay and run.gate else " (ablation)")
@@ -59,7 +60,7 @@ def table(run: SelfImprovementRun) -> str:
             "selected (no-call + copies)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for r in run.rounds:
-        cells = [str(r.round), r.decision]
+        cells = [str(r.round), r.decision + (f" (bias {r.calibration.bias:+.2f})" if r.calibration else "")]
         cells += [f"{r.candidate[s]:.2f}" if s in r.candidate else "–" for s in SUITES]
         cells += [f"{r.reference_ce:.3f}" if r.reference_ce is not None else "–",
                   f"{r.seconds.collect:.0f}", f"{r.seconds.train:.0f}", f"{r.seconds.evaluate:.0f}",

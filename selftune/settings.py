@@ -182,6 +182,10 @@ class TuningSettings(StrictModel):
     kl_weight: float = Field(
         0.0, ge=0.0, description="Weight of KL(base || candidate) on the assistant tokens of replay-file conversations: "
                                  "keeps general and abstention replies near the base model's (0 = off).")
+    no_call_calibration: int = Field(
+        0, ge=0, description="Questions that set each candidate's no-call bias: BFCL simple_python/multiple "
+                             "questions outside the regression suites' samples, half offered functions that do "
+                             "not fit (0 = no bias; see tuning/calibration.py).")
     continue_from_active: bool = Field(
         False, description="Start the candidate from the active adapter's weights instead of the base weights "
                            "(same method only); the default retrains from base on the cumulative buffer.")

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding
 from selftune.agent.loop import Agent
 from selftune.memory.records import Verifier
 from selftune.runtime import Runtime
 from selftune.settings import load_settings
 from selftune.tuning import pipeline
 from selftune.tuning.adapters import AdapterVersion
+from selftune.tuning.calibration import BIAS_GRID
 from selftune.tuning.pipeline import run_tuning_round
 from selftune.tuning.report import REPORT_SECTIONS
 
@@ -141,9 +143,10 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     runtime.sync_adapter()
 
 
-def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(runtime):
+def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(runtime, monkeypatch):
     """With an adapter active, the gate's reference bound starts from the base weights' cross-entropy,
-    not the active adapter's, so drift cannot add up over promotions."""
+    not the active adapter's, so drift cannot add up over promotions. The candidate also gets its
+    no-call bias here, calibrated against the active adapter and the base weights."""
     first = runtime.adapters.list()[0]
     version, out_dir = runtime.adapters.allocate()
     shutil.copytree(first.path, out_dir)
@@ -151,10 +154,18 @@ def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(ru
                                              path=out_dir))
     runtime.adapters.promote(version, "test: an active adapter")
     runtime.sync_adapter()
+    monkeypatch.setattr(runtime.settings.tuning, "no_call_calibration", 2)
 
     outcome = run_tuning_round(runtime, method="lora")
 
     report = json.loads((outcome.report_dir / "report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["abstain_questions"] == calibration["call_questions"] == 2
+    assert calibration["refused"] >= calibration["target"] or calibration["bias"] == max(BIAS_GRID)
+    candidate = runtime.adapters.get(outcome.version)
+    saved = AdapterDecoding.model_validate_json((candidate.path / DECODING_FILE).read_text())
+    assert saved.no_call_bias == calibration["bias"] == candidate.metrics["no_call_bias"]
+    assert "No-call bias (evaluated with it)" in (outcome.report_dir / "report.md").read_text()
     assert report["reference_ce_base"] != pytest.approx(report["reference_ce_before"], abs=1e-4)
     assert f"reference cross-entropy {report['reference_ce_base']:.3f} -> " in outcome.reason
     # Regression suites are measured on the base weights too: losses cannot add up over promotions.

@@ -19,13 +19,13 @@ from selftune.bench.self_improvement import (
     Split,
     abstention_goals,
     calibration_goals,
-    functions_text,
     make_split,
     run_fewshot_baseline,
     run_self_improvement,
     widen_train,
 )
 from selftune.bfcl import load_category
+from selftune.bfcl.mismatch import functions_text
 from selftune.memory.episodes import EpisodeStore
 from selftune.settings import load_settings
 from selftune.tuning.calibration import BIAS_GRID

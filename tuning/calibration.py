@@ -24,13 +24,19 @@ from pydantic import BaseModel
 
 from selftune.agent.constrained import NO_CALL_TOOL
 from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding, LocalChatModel
-from selftune.bfcl import BfclQuestion
+from selftune.bfcl import BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages
+from selftune.bfcl.mismatch import mismatched
+from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL
 from selftune.tuning.adapters import write_atomic
 
-__all__ = ["BIAS_GRID", "NoCallCalibration", "calibrate", "no_call_margin", "refusal_share", "save_decoding"]
+__all__ = [
+    "BIAS_GRID", "CALIBRATION_CATEGORIES", "NoCallCalibration", "calibrate", "calibration_questions", "no_call_margin",
+    "refusal_share", "save_decoding",
+]
 
 BIAS_GRID = tuple(step / 4 for step in range(-8, 17))  # -2.0 to +4.0 nats in quarters
+CALIBRATION_CATEGORIES = ("simple_python", "multiple")  # BFCL questions that want one call of an offered function
 
 
 class NoCallCalibration(BaseModel):
@@ -52,6 +58,18 @@ def no_call_margin(chat: LocalChatModel, question: BfclQuestion) -> float:
         return float(scores[chat.tokenizer(name, add_special_tokens=False)["input_ids"][0]])
 
     return first(NO_CALL_TOOL) - max(first(tool["function"]["name"]) for tool in question.tools())
+
+
+def calibration_questions(count: int, exclude: set[str] = frozenset(),
+                          embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
+    """``(abstain, call)``: ``count`` questions of :data:`CALIBRATION_CATEGORIES` (ids in ``exclude`` left
+    out) offered functions that do not fit them, half far and half near misses
+    (:func:`selftune.bfcl.mismatch.mismatched`), and the same questions with their own functions."""
+    pool = [question for category in CALIBRATION_CATEGORIES for question, _ in load_category(category)
+            if question.id not in exclude]
+    abstain = [question for question, _ in mismatched(pool, count // 2, count - count // 2, embedding_model)]
+    originals = {question.id: question for question in pool}
+    return abstain, [originals[question.id.rsplit("~", 1)[0]] for question in abstain]
 
 
 def refusal_share(margins: Sequence[float], bias: float) -> float:

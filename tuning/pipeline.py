@@ -12,6 +12,9 @@ base model's (measured from the base, so drift cannot add up over promotions) an
 regression suite lost more than its tolerance against the active adapter or the base model; a
 rejected candidate is kept on disk but never becomes active. The candidate is registered only
 after its evaluation, so a crash or interrupt anywhere before that leaves the registry unchanged.
+With ``tuning.no_call_calibration`` the candidate is first given its no-call bias
+(tuning/calibration.py): it must refuse at least as many calibration questions that want no call as
+the active model and the base model do, and it is evaluated with that bias.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from typing import Literal
 from pydantic import BaseModel
 
 from selftune.agent.goals import load_goals
-from selftune.agent.local_chat import LocalChatModel
+from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
+from selftune.bfcl import BfclQuestion, load_category
 from selftune.memory.records import utc_now
 from selftune.runtime import Runtime
+from selftune.settings import Settings
 from selftune.tuning.adapters import AdapterVersion
+from selftune.tuning.calibration import calibrate, calibration_questions, no_call_margin, refusal_share, save_decoding
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
@@ -125,6 +131,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     before = evaluate_goals(runtime.agent(), goals)
     reference_before = chat.cross_entropy(reference_text)
     suites_before = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
+    abstain, call = _calibration_set(settings)
+    refused_before = refusal_share([no_call_margin(chat, q) for q in abstain], chat.no_call_bias)
     start_from = runtime.adapters.continuation_point(method_name) if tuning.continue_from_active else None
     version, out_dir = runtime.adapters.allocate()
     try:
@@ -132,8 +140,14 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         reference_base = chat.cross_entropy(reference_text)
         suites_base = (evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
                        if previous else suites_before)
+        refused_base = refusal_share([no_call_margin(chat, q) for q in abstain], 0.0)
         train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name, start_from)
         chat.use_adapter(out_dir, version)
+        if abstain:
+            report.calibration = calibrate([no_call_margin(chat, q) for q in abstain],
+                                           [no_call_margin(chat, q) for q in call], max(refused_before, refused_base))
+            save_decoding(out_dir, AdapterDecoding(no_call_bias=report.calibration.bias))
+            chat.use_adapter(out_dir, version)
         after = evaluate_goals(runtime.agent(sync=False), goals)
         reference_after = chat.cross_entropy(reference_text)
         suites_after = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)
@@ -149,6 +163,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                  "reference_ce_base": reference_base, "reference_ce_before": reference_before,
                  "reference_ce_after": reference_after,
                  "train_loss_last": train.losses[-1], "examples": train.examples,
+                 "no_call_bias": report.calibration.bias if report.calibration else 0.0,
                  **{f"{name}_base": result.accuracy for name, result in suites_base.items()},
                  **{f"{name}_before": result.accuracy for name, result in suites_before.items()},
                  **{f"{name}_after": result.accuracy for name, result in suites_after.items()}},
@@ -164,6 +179,17 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                   reference_ce_base=reference_base, reference_ce_before=reference_before,
                   reference_ce_after=reference_after,
                   history=_history(runtime))
+
+
+def _calibration_set(settings: Settings) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
+    """The no-call calibration's questions (``tuning.no_call_calibration`` of them; none when 0), outside
+    the samples of the regression suites the gate runs."""
+    tuning = settings.tuning
+    if not tuning.no_call_calibration:
+        return [], []
+    gated = {question.id for suite in tuning.regression_suites
+             for question, _ in load_category(suite.category, limit=suite.limit, seed=tuning.seed)}
+    return calibration_questions(tuning.no_call_calibration, gated, settings.memory.embedding_model)
 
 
 def _history(runtime: Runtime) -> list[tuple[str, float]]:

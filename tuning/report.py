@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field
 
 from selftune.memory.records import utc_now
+from selftune.tuning.calibration import NoCallCalibration
 from selftune.tuning.replay import ReplayMix
 from selftune.tuning.trainer import TrainResult
 
@@ -78,6 +79,7 @@ class TuningReport(BaseModel):
     reference_ce_base: float | None = None  # of the base weights: what the gate bounds the candidate's rise against
     reference_ce_before: float | None = None  # mean cross-entropy (nats/token) on the reference text
     reference_ce_after: float | None = None
+    calibration: NoCallCalibration | None = None  # the candidate's no-call bias (tuning.no_call_calibration)
     config: dict[str, Any] = Field(default_factory=dict)
     packages: dict[str, str] = Field(default_factory=package_versions)
     history: list[tuple[str, float]] = Field(default_factory=list)  # (version, held-out accuracy), oldest first

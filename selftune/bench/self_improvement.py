@@ -41,7 +41,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, Field
@@ -52,13 +51,21 @@ from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages, score_reply
-from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL, LocalSentenceTransformerEmbedding
+from selftune.bfcl.mismatch import mismatched
+from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL
 from selftune.memory.episodes import EpisodeStore
 from selftune.memory.records import ChatMessage, Episode, Reward, Step, new_id
 from selftune.memory.vector import VectorMemory
 from selftune.settings import PROJECT_ROOT, Settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
-from selftune.tuning.calibration import NoCallCalibration, calibrate, no_call_margin, refusal_share, save_decoding
+from selftune.tuning.calibration import (
+    NoCallCalibration,
+    calibrate,
+    calibration_questions,
+    no_call_margin,
+    refusal_share,
+    save_decoding,
+)
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import bfcl_suite
 from selftune.tuning.pipeline import gate, regression_baseline
@@ -68,8 +75,7 @@ from selftune.tuning.selection import select_episodes
 from selftune.tuning.trainer import train_adapter
 
 __all__ = [
-    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "calibration_goals",
-    "functions_text", "make_split",
+    "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "calibration_goals", "make_split",
     "run_fewshot_baseline", "run_self_improvement", "widen_train",
 ]
 
@@ -204,33 +210,6 @@ def _train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None
     return questions
 
 
-NEAR_MISS_MAX_SIMILARITY = 0.6  # a near-miss partner's functions stay below this cosine to the question's own
-
-
-def functions_text(question: BfclQuestion) -> str:
-    """The offered functions' names and descriptions, as the near-miss pairing embeds them."""
-    return "; ".join(f"{f['name']}: {f.get('description', '')}" for f in question.functions)
-
-
-def _near_miss_partners(questions: list[BfclQuestion], embedding_model: str) -> list[int]:
-    """For each question, the other question whose functions read closest to it (embedding cosine of the
-    question to the functions' names and descriptions), skipping functions that share a name with the
-    question's own or read like them (cosine at least :data:`NEAR_MISS_MAX_SIMILARITY`): they might fit."""
-    embed = LocalSentenceTransformerEmbedding(embedding_model)
-    asks = np.array(embed([q.messages[-1].content for q in questions]))
-    offers = np.array(embed([functions_text(q) for q in questions]))
-    to_question, to_functions = asks @ offers.T, offers @ offers.T
-    partners = []
-    for index, question in enumerate(questions):
-        names = {f["name"] for f in question.functions}
-        partners.append(next(
-            (int(other) for other in np.argsort(-to_question[index], kind="stable")
-             if other != index and to_functions[index, other] < NEAR_MISS_MAX_SIMILARITY
-             and names.isdisjoint(f["name"] for f in questions[other].functions)),
-            (index + len(questions) // 2) % len(questions)))  # none qualifies: the far partner
-    return partners
-
-
 def abstention_goals(split: Split, count: int, near_miss: int = 0,
                      embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> list[tuple[BfclQuestion, None]]:
     """Train questions offered functions that do not fit them: the right reply is the no-call answer.
@@ -238,49 +217,17 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
     ``count`` questions (``~none``) get the functions of a train question from the other half of
     the list (so the other category); ``near_miss`` further questions (``~near``, from those not
     used yet) get the closest-reading other functions that still do not fit
-    (:func:`_near_miss_partners`): a plausible but wrong tool, as in BFCL's irrelevance category.
+    (:func:`selftune.bfcl.mismatch.near_miss_partners`): a plausible but wrong tool, as in BFCL's irrelevance category.
     Abstention is learned from the model's own verified refusals, never from BFCL's irrelevance data."""
-    return _mismatched([question for question, _ in _train_questions(split)], count, near_miss, embedding_model)
+    return mismatched([question for question, _ in _train_questions(split)], count, near_miss, embedding_model)
 
 
 def calibration_goals(split: Split, count: int,
                       embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
-    """Questions of :data:`TRAIN_CATEGORIES` outside the split (never trained on, never gated on) for the
-    no-call calibration: ``(abstain, call)``, ``count`` of them offered mismatched functions (half far,
-    half near misses, as :func:`abstention_goals`) and the same questions with their own functions."""
-    pool = []
-    for category in TRAIN_CATEGORIES:
-        used = set(split.train.get(category, [])) | set(split.heldout.get(category, []))
-        pool += [question for question, _ in load_category(category) if question.id not in used]
-    abstain = [question for question, _ in _mismatched(pool, count // 2, count - count // 2, embedding_model)]
-    originals = {question.id: question for question in pool}
-    return abstain, [originals[question.id.rsplit("~", 1)[0]] for question in abstain]
-
-
-def _mismatched(questions: list[BfclQuestion], count: int, near_miss: int,
-                embedding_model: str) -> list[tuple[BfclQuestion, None]]:
-    """``count`` far and ``near_miss`` near-miss pairings of ``questions`` with functions that do not fit."""
-    if len(questions) < 2:
-        return []
-
-    def spread(indices: list[int], wanted: int) -> list[int]:
-        return indices[::max(1, len(indices) // wanted)][:wanted] if wanted > 0 else []
-
-    def goal(index: int, other: int, suffix: str) -> tuple[BfclQuestion, None]:
-        question = questions[index]
-        return question.model_copy(update={
-            "id": f"{question.id}~{suffix}", "category": "irrelevance",
-            "functions": questions[other].functions}), None
-
-    half = len(questions) // 2
-    far = spread(list(range(len(questions))), count)
-    goals = [goal(index, (index + half) % len(questions), "none") for index in far]
-    taken = set(far)
-    near = spread([index for index in range(len(questions)) if index not in taken], near_miss)
-    if near:
-        partners = _near_miss_partners(questions, embedding_model)
-        goals += [goal(index, partners[index], "near") for index in near]
-    return goals
+    """The no-call calibration's questions (:func:`selftune.tuning.calibration.calibration_questions`), all
+    outside the split: never trained on, never gated on."""
+    used = {question_id for ids in (*split.train.values(), *split.heldout.values()) for question_id in ids}
+    return calibration_questions(count, used, embedding_model)
 
 
 def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
