@@ -247,6 +247,17 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
     return total, solved + required_solved, required_solved
 
 
+def _calibrate_candidate(chat: LocalChatModel, out_dir: Path, version: str,
+                         questions: tuple[list[BfclQuestion], list[BfclQuestion]], target: float) -> NoCallCalibration:
+    """Set the loaded candidate's no-call bias on ``questions`` (abstain, call), save it and load it with
+    the candidate."""
+    abstain, call = ([no_call_margin(chat, question) for question in group] for group in questions)
+    calibration = calibrate(abstain, call, target)
+    save_decoding(out_dir, AdapterDecoding(no_call_bias=calibration.bias))
+    chat.use_adapter(out_dir, version)
+    return calibration
+
+
 def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
               exemplars: Any = None) -> dict[str, SuiteResult]:
     suites = {f"{HELDOUT}:{category}": bfcl_suite(chat, f"{HELDOUT}:{category}", category, ids=ids,
@@ -359,10 +370,8 @@ def run_self_improvement(
             start = time.perf_counter()
             chat.use_adapter(out_dir, version)
             if calibration_count:
-                abstain, call = ([no_call_margin(chat, q) for q in questions] for questions in calibration_set)
-                result.calibration = calibrate(abstain, call, target=max(run.base_refused, active_refused))
-                save_decoding(out_dir, AdapterDecoding(no_call_bias=result.calibration.bias))
-                chat.use_adapter(out_dir, version)
+                result.calibration = _calibrate_candidate(chat, out_dir, version, calibration_set,
+                                                          target=max(run.base_refused, active_refused))
             candidate = _evaluate(chat, split, eval_limit, tuning.seed)
             candidate_ce = chat.cross_entropy(reference)
             seconds.evaluate = round(time.perf_counter() - start, 1)
