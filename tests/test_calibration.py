@@ -26,8 +26,8 @@ def test_calibration_picks_the_smallest_bias_that_refuses_enough() -> None:
     assert chosen.bias == 0.75 and chosen.refused == 0.75 and chosen.target == 0.75
     assert chosen.called == pytest.approx(2 / 3)  # -1.1 + 0.75 and -3.0 + 0.75 still call
     assert chosen.abstain_questions == 4 and chosen.call_questions == 3
-    # Over-refusing candidates get a negative bias: more calls at the same abstention.
-    assert calibrate(abstain, call, target=0.25).bias < 0
+    # A candidate that already refuses enough keeps its weights' threshold: the grid starts at 0.
+    assert calibrate(abstain, call, target=0.25).bias == 0.0
     assert calibrate(abstain, [], target=0.25).called is None
 
 

@@ -35,7 +35,10 @@ __all__ = [
     "refusal_share", "save_decoding",
 ]
 
-BIAS_GRID = tuple(step / 4 for step in range(-8, 17))  # -2.0 to +4.0 nats in quarters
+# 0 to +4 nats in quarters. Never below 0: the bias undoes tuning's drift towards calling, and a
+# candidate trained on abstention goals refuses pairs like them more readily than the base model
+# while BFCL irrelevance still drops (measured), so a negative bias would make it worse there.
+BIAS_GRID = tuple(step / 4 for step in range(0, 17))
 CALIBRATION_CATEGORIES = ("simple_python", "multiple")  # BFCL questions that want one call of an offered function
 
 
