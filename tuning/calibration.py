@@ -31,7 +31,8 @@ from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL
 from selftune.tuning.adapters import write_atomic
 
 __all__ = [
-    "BIAS_GRID", "CALIBRATION_CATEGORIES", "NoCallCalibration", "calibrate", "calibration_questions", "no_call_margin",
+    "BIAS_GRID", "CALIBRATION_CATEGORIES", "NoCallCalibration", "calibrate", "calibrate_adapter", "calibration_questions",
+    "no_call_margin",
     "refusal_share", "save_decoding",
 ]
 
@@ -92,6 +93,18 @@ def calibrate(abstain_margins: Sequence[float], call_margins: Sequence[float], t
         bias=bias, target=target, refused=refusal_share(abstain_margins, bias),
         called=1.0 - refusal_share(call_margins, bias) if call_margins else None,
         abstain_questions=len(abstain_margins), call_questions=len(call_margins))
+
+
+def calibrate_adapter(chat: LocalChatModel, adapter_dir: Path, version: str,
+                      questions: tuple[Sequence[BfclQuestion], Sequence[BfclQuestion]],
+                      target: float) -> NoCallCalibration:
+    """Calibrate the loaded adapter at ``adapter_dir`` on ``questions`` (abstain, call), save its bias
+    beside its weights and load it again with that bias."""
+    abstain, call = ([no_call_margin(chat, question) for question in group] for group in questions)
+    calibration = calibrate(abstain, call, target)
+    save_decoding(adapter_dir, AdapterDecoding(no_call_bias=calibration.bias))
+    chat.use_adapter(adapter_dir, version)
+    return calibration
 
 
 def save_decoding(adapter_dir: Path, decoding: AdapterDecoding) -> None:

@@ -26,13 +26,13 @@ from typing import Literal
 from pydantic import BaseModel
 
 from selftune.agent.goals import load_goals
-from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
+from selftune.agent.local_chat import LocalChatModel
 from selftune.bfcl import BfclQuestion, load_category
 from selftune.memory.records import utc_now
 from selftune.runtime import Runtime
 from selftune.settings import Settings
 from selftune.tuning.adapters import AdapterVersion
-from selftune.tuning.calibration import calibrate, calibration_questions, no_call_margin, refusal_share, save_decoding
+from selftune.tuning.calibration import calibrate_adapter, calibration_questions, no_call_margin, refusal_share
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
@@ -144,10 +144,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name, start_from)
         chat.use_adapter(out_dir, version)
         if abstain:
-            report.calibration = calibrate([no_call_margin(chat, q) for q in abstain],
-                                           [no_call_margin(chat, q) for q in call], max(refused_before, refused_base))
-            save_decoding(out_dir, AdapterDecoding(no_call_bias=report.calibration.bias))
-            chat.use_adapter(out_dir, version)
+            report.calibration = calibrate_adapter(chat, out_dir, version, (abstain, call),
+                                                   max(refused_before, refused_base))
         after = evaluate_goals(runtime.agent(sync=False), goals)
         reference_after = chat.cross_entropy(reference_text)
         suites_after = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)

@@ -47,7 +47,7 @@ from pydantic import BaseModel, Field
 
 from selftune.agent.generation import generate
 from selftune.agent.models import load_causal_lm
-from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
+from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages, score_reply
@@ -60,11 +60,10 @@ from selftune.settings import PROJECT_ROOT, Settings
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion
 from selftune.tuning.calibration import (
     NoCallCalibration,
-    calibrate,
+    calibrate_adapter,
     calibration_questions,
     no_call_margin,
     refusal_share,
-    save_decoding,
 )
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import bfcl_suite
@@ -247,17 +246,6 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
     return total, solved + required_solved, required_solved
 
 
-def _calibrate_candidate(chat: LocalChatModel, out_dir: Path, version: str,
-                         questions: tuple[list[BfclQuestion], list[BfclQuestion]], target: float) -> NoCallCalibration:
-    """Set the loaded candidate's no-call bias on ``questions`` (abstain, call), save it and load it with
-    the candidate."""
-    abstain, call = ([no_call_margin(chat, question) for question in group] for group in questions)
-    calibration = calibrate(abstain, call, target)
-    save_decoding(out_dir, AdapterDecoding(no_call_bias=calibration.bias))
-    chat.use_adapter(out_dir, version)
-    return calibration
-
-
 def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
               exemplars: Any = None) -> dict[str, SuiteResult]:
     suites = {f"{HELDOUT}:{category}": bfcl_suite(chat, f"{HELDOUT}:{category}", category, ids=ids,
@@ -370,8 +358,8 @@ def run_self_improvement(
             start = time.perf_counter()
             chat.use_adapter(out_dir, version)
             if calibration_count:
-                result.calibration = _calibrate_candidate(chat, out_dir, version, calibration_set,
-                                                          target=max(run.base_refused, active_refused))
+                result.calibration = calibrate_adapter(chat, out_dir, version, calibration_set,
+                                                       target=max(run.base_refused, active_refused))
             candidate = _evaluate(chat, split, eval_limit, tuning.seed)
             candidate_ce = chat.cross_entropy(reference)
             seconds.evaluate = round(time.perf_counter() - start, 1)
