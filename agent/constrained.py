@@ -70,6 +70,7 @@ from transformers import LogitsProcessor
 __all__ = [
     "DEFAULT_MAX_ITEMS",
     "DEFAULT_MAX_STRING_LENGTH",
+    "JSON_CALL_PREFIX",
     "LIST_WHITESPACE",
     "NO_CALL_TOOL",
     "GrammarCache",
@@ -85,6 +86,11 @@ log = logging.getLogger(__name__)
 NO_CALL_TOOL = "none"
 """Tool name of the declared "no tool" answer: ``{"tool": "none", "arguments": {"reason": "..."}}``."""
 
+JSON_CALL_PREFIX = '{"tool": "'
+"""How every single-call reply opens: next comes the tool name, where the reply chooses between the
+offered tools and the no-call answer (``no_call_bias``)."""
+_CALL_OPENING = JSON_CALL_PREFIX.encode()
+
 DEFAULT_MAX_STRING_LENGTH = 200
 DEFAULT_MAX_ITEMS = 32  # longest list in any BFCL gold answer: 20 items
 # Whitespace run (newline and indent) admitted between tokens of a reply that may list several calls.
@@ -97,8 +103,6 @@ _INTEGER_LIMIT = 10**15 - 1
 _GUARD_RECHECK = 8
 # Below this the run-time string bound is not used (a token can be longer than the room left).
 _MIN_RUNTIME_STRING_CAP = 32
-# Where the reply chooses between the offered tools and the no-call answer (``no_call_bias``).
-_CALL_OPENING = b'{"tool": "'
 
 _ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly", "$schema", "$id"}

@@ -19,6 +19,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel, Field
 
+from selftune.agent.constrained import JSON_CALL_PREFIX
 from selftune.agent.generation import describe_model, generate
 from selftune.agent.prompts import render, tool_signature
 from selftune.agent.rewards import episode_rewards
@@ -35,7 +36,6 @@ from selftune.tools.memory_tools import MemoryStore
 __all__ = ["Agent", "AgentResult", "Budget", "GoalError"]
 
 log = logging.getLogger(__name__)
-JSON_CALL_PREFIX = '{"tool": "'
 PLAN_PREFIX = "Plan:\n1."
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.constrained import JSON_CALL_PREFIX, NO_CALL_TOOL
 from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding, LocalChatModel
 from selftune.bfcl import BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages
@@ -31,9 +31,8 @@ from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL
 from selftune.tuning.adapters import write_atomic
 
 __all__ = [
-    "BIAS_GRID", "CALIBRATION_CATEGORIES", "NoCallCalibration", "calibrate", "calibrate_adapter", "calibration_questions",
-    "no_call_margin",
-    "refusal_share", "save_decoding",
+    "BIAS_GRID", "CALIBRATION_CATEGORIES", "NoCallCalibration", "calibrate", "calibrate_adapter",
+    "calibration_questions", "no_call_margin", "refusal_share", "save_decoding",
 ]
 
 # 0 to +4 nats in quarters. Never below 0: the bias undoes tuning's drift towards calling, and a
@@ -55,7 +54,7 @@ class NoCallCalibration(BaseModel):
 def no_call_margin(chat: LocalChatModel, question: BfclQuestion) -> float:
     """log P(first token of ``none``) - max log P(first token of an offered tool's name), with the
     active adapter, at the tool-name position of ``question``'s reply."""
-    prompt = chat.render_prompt(build_messages(question)) + '{"tool": "'
+    prompt = chat.render_prompt(build_messages(question)) + JSON_CALL_PREFIX
     scores = chat.next_token_logits(prompt).log_softmax(-1)
 
     def first(name: str) -> float:
