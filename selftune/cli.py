@@ -563,9 +563,9 @@ def bench_self_improvement(
     call_required_attempts: Annotated[int, typer.Option(min=0, help="Further attempts per train goal with the "
                                                         "no-call answer withheld (first greedy); verified "
                                                         "calls become training data.")] = 0,
-    calibration_goals: Annotated[int, typer.Option(min=0, help="Questions outside the split (half offered "
-                                                   "mismatched functions) that set each candidate's no-call "
-                                                   "bias; 0: no bias.")] = 0,
+    calibration_goals: Annotated[int, typer.Option(min=0, help="live_irrelevance questions never evaluated "
+                                                   "(and as many call questions outside the split) that set "
+                                                   "each candidate's no-call bias; 0: no bias.")] = 0,
     kl_weight: Annotated[Optional[float], typer.Option(min=0.0, help="KL-to-base weight on replayed "
                                                        "conversations (default from config).")] = None,
     continue_active: Annotated[bool, typer.Option("--continue", help="Start each candidate from the active "

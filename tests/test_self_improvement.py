@@ -158,16 +158,16 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
     assert decoding.no_call_bias == first.calibration.bias
 
 
-def test_calibration_goals_lie_outside_the_split_and_pair_each_question_both_ways() -> None:
+def test_calibration_goals_lie_outside_the_split_and_every_evaluated_sample() -> None:
     split = widen_train(make_split(0), 100)
-    abstain, call = calibration_goals(split, 6)
-    used = {i for ids in (*split.train.values(), *split.heldout.values()) for i in ids}
-    assert len(abstain) == len(call) == 6
-    assert sum(q.id.endswith("~none") for q in abstain) == sum(q.id.endswith("~near") for q in abstain) == 3
-    for wrong, right in zip(abstain, call, strict=True):
-        assert right.id not in used and wrong.id.rsplit("~", 1)[0] == right.id
-        assert wrong.messages == right.messages and wrong.category == "irrelevance"
-        assert {f["name"] for f in wrong.functions}.isdisjoint(f["name"] for f in right.functions)
+    abstain, call = calibration_goals(split, 6, eval_limit=240, seed=0)
+    trained = {i for ids in (*split.train.values(), *split.heldout.values()) for i in ids}
+    evaluated = {q.id for c in UNTRAINED_SUITES for q, _ in load_category(c, limit=240, seed=0)}
+    assert len(abstain) == len(call) == 6 and len({q.id for q in abstain + call}) == 12
+    assert {q.category for q in abstain} == {"live_irrelevance"} and {q.category for q in call} == set(TRAIN_CATEGORIES)
+    assert not {q.id for q in abstain + call} & (trained | evaluated)
+    with pytest.raises(ValueError, match="wants 700 questions of live_irrelevance"):
+        calibration_goals(split, 700, eval_limit=240, seed=0)  # 884 - 240 are left
 
 
 def test_bench_self_improvement_rejects_an_unknown_method() -> None:

@@ -11,8 +11,14 @@ answers "no tool" when margin + bias > 0 (``ToolCallLogitsProcessor``'s ``no_cal
 :func:`calibrate` picks the smallest bias on :data:`BIAS_GRID` at which the candidate refuses
 at least ``target`` of a set of abstention questions it was never trained or gated on (the
 share the model it would replace refuses), and reports what share of call questions it still
-calls on. The bias is saved beside the adapter's weights (:data:`DECODING_FILE`), so it is
-applied wherever the adapter is loaded.
+calls on. The abstention questions are BFCL live_irrelevance questions outside every evaluated
+sample (:func:`calibration_questions`): pairs of train-category questions with each other's
+functions did not transfer (a candidate trained without refusals matched the base on them at
++3.0 and still lost 10 points of irrelevance; candidates trained on such pairs refuse them more
+readily than the base while irrelevance drops), whereas held-back live_irrelevance questions
+were refused within a few points as often as all 240 irrelevance questions by the base model and
+five candidates (``docs/self_improvement.md``). The bias is saved beside the adapter's weights
+(:data:`DECODING_FILE`), so it is applied wherever the adapter is loaded.
 """
 
 from __future__ import annotations
@@ -26,12 +32,10 @@ from selftune.agent.constrained import JSON_CALL_PREFIX, NO_CALL_TOOL
 from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding, LocalChatModel
 from selftune.bfcl import BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages
-from selftune.bfcl.mismatch import mismatched
-from selftune.memory.embeddings import DEFAULT_EMBEDDING_MODEL
 from selftune.tuning.adapters import write_atomic
 
 __all__ = [
-    "BIAS_GRID", "CALIBRATION_CATEGORIES", "NoCallCalibration", "calibrate", "calibrate_adapter",
+    "ABSTAIN_CATEGORY", "BIAS_GRID", "CALL_CATEGORIES", "NoCallCalibration", "calibrate", "calibrate_adapter",
     "calibration_questions", "no_call_margin", "refusal_share", "save_decoding",
 ]
 
@@ -39,7 +43,8 @@ __all__ = [
 # candidate trained on abstention goals refuses pairs like them more readily than the base model
 # while BFCL irrelevance still drops (measured), so a negative bias would make it worse there.
 BIAS_GRID = tuple(step / 4 for step in range(0, 17))
-CALIBRATION_CATEGORIES = ("simple_python", "multiple")  # BFCL questions that want one call of an offered function
+ABSTAIN_CATEGORY = "live_irrelevance"  # BFCL questions that no offered function fits
+CALL_CATEGORIES = ("simple_python", "multiple")  # BFCL questions that want one call of an offered function
 
 
 class NoCallCalibration(BaseModel):
@@ -63,16 +68,20 @@ def no_call_margin(chat: LocalChatModel, question: BfclQuestion) -> float:
     return first(NO_CALL_TOOL) - max(first(tool["function"]["name"]) for tool in question.tools())
 
 
-def calibration_questions(count: int, exclude: set[str] = frozenset(),
-                          embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
-    """``(abstain, call)``: ``count`` questions of :data:`CALIBRATION_CATEGORIES` (ids in ``exclude`` left
-    out) offered functions that do not fit them, half far and half near misses
-    (:func:`selftune.bfcl.mismatch.mismatched`), and the same questions with their own functions."""
-    pool = [question for category in CALIBRATION_CATEGORIES for question, _ in load_category(category)
-            if question.id not in exclude]
-    abstain = [question for question, _ in mismatched(pool, count // 2, count - count // 2, embedding_model)]
-    originals = {question.id: question for question in pool}
-    return abstain, [originals[question.id.rsplit("~", 1)[0]] for question in abstain]
+def calibration_questions(count: int, exclude: set[str] = frozenset()) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
+    """``(abstain, call)``: ``count`` :data:`ABSTAIN_CATEGORY` questions and ``count`` questions of
+    :data:`CALL_CATEGORIES`, spread over each pool, none with an id in ``exclude`` (the evaluated
+    and trained ones)."""
+
+    def held_back(categories: Sequence[str]) -> list[BfclQuestion]:
+        pool = [question for category in categories for question, _ in load_category(category)
+                if question.id not in exclude]
+        if len(pool) < count:
+            raise ValueError(f"the no-call calibration wants {count} questions of {', '.join(categories)} "
+                             f"outside the evaluated and trained ones; {len(pool)} are left")
+        return pool[::len(pool) // count][:count]
+
+    return held_back([ABSTAIN_CATEGORY]), held_back(CALL_CATEGORIES)
 
 
 def refusal_share(margins: Sequence[float], bias: float) -> float:

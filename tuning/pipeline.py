@@ -187,7 +187,7 @@ def _calibration_set(settings: Settings) -> tuple[list[BfclQuestion], list[BfclQ
         return [], []
     gated = {question.id for suite in tuning.regression_suites
              for question, _ in load_category(suite.category, limit=suite.limit, seed=tuning.seed)}
-    return calibration_questions(tuning.no_call_calibration, gated, settings.memory.embedding_model)
+    return calibration_questions(tuning.no_call_calibration, gated)
 
 
 def _history(runtime: Runtime) -> list[tuple[str, float]]:

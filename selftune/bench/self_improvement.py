@@ -221,12 +221,14 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
     return mismatched([question for question, _ in _train_questions(split)], count, near_miss, embedding_model)
 
 
-def calibration_goals(split: Split, count: int,
-                      embedding_model: str = DEFAULT_EMBEDDING_MODEL) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
-    """The no-call calibration's questions (:func:`selftune.tuning.calibration.calibration_questions`), all
-    outside the split: never trained on, never gated on."""
+def calibration_goals(split: Split, count: int, eval_limit: int,
+                      seed: int) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
+    """The no-call calibration's questions (:func:`selftune.tuning.calibration.calibration_questions`),
+    outside the split and the evaluated samples of the never-trained suites."""
     used = {question_id for ids in (*split.train.values(), *split.heldout.values()) for question_id in ids}
-    return calibration_questions(count, used, embedding_model)
+    used |= {question.id for category in UNTRAINED_SUITES
+             for question, _ in load_category(category, limit=eval_limit, seed=seed)}
+    return calibration_questions(count, used)
 
 
 def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
@@ -313,7 +315,7 @@ def run_self_improvement(
         start = time.perf_counter()
         active = base = _evaluate(chat, split, eval_limit, tuning.seed)
         base_ce = chat.cross_entropy(reference)  # the gate bounds drift from the base, not from the active model
-        calibration_set = (calibration_goals(split, calibration_count, settings.memory.embedding_model)
+        calibration_set = (calibration_goals(split, calibration_count, eval_limit, tuning.seed)
                            if calibration_count else ([], []))
         if calibration_count:
             run.base_refused = refusal_share([no_call_margin(chat, q) for q in calibration_set[0]], 0.0)

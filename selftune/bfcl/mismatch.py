@@ -4,7 +4,7 @@ Two kinds of pairing, both from a list of BFCL questions: *far* (the functions o
 the list away, so in a list ordered by category another category's) and *near misses* (the other
 question's functions that read closest to the question and still do not fit, like the plausible
 wrong tools of BFCL's irrelevance category). The self-improvement benchmark trains on such pairs
-(abstention goals) and the no-call calibration measures on pairs never trained on.
+(abstention goals).
 """
 
 from __future__ import annotations
