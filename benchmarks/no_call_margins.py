@@ -7,8 +7,8 @@ At the tool-name position (the prompt, then ``{"tool": "``) the margin
 ``none`` minus the best first token of an offered function's name: above zero the greedy reply is
 the no-call answer. Printed per model: the share of questions refused in each set (held-out
 train-category questions, which want a call; BFCL irrelevance and live_irrelevance, and the
-benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, which want
-none), how well the margin separates them (AUC), and what a no-call bias added to the margin
+benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, and with
+``--calibration`` the no-call calibration's held-back live_irrelevance questions, which want none), how well the margin separates them (AUC), and what a no-call bias added to the margin
 would trade, including the held-out questions still solved: those whose greedy call with the
 no-call answer withheld passes the checker and whose biased margin stays below zero (a bias
 changes only the call-or-not choice). One forward pass per question and one generation per
@@ -26,7 +26,14 @@ from typing import Annotated, Optional
 import typer
 
 from selftune.agent.generation import generate
-from selftune.bench.self_improvement import SPLIT_FILE, Split, _local_chat, abstention_goals, widen_train
+from selftune.bench.self_improvement import (
+    SPLIT_FILE,
+    Split,
+    _local_chat,
+    abstention_goals,
+    calibration_goals,
+    widen_train,
+)
 from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages, score_reply
 from selftune.settings import load_settings
@@ -53,6 +60,8 @@ def main(
     abstain_goals: Annotated[int, typer.Option(help="Benchmark abstention goals to include.")] = 40,
     near_miss_goals: Annotated[int, typer.Option(help="Benchmark near-miss abstention goals to include.")] = 0,
     train_per_category: Annotated[Optional[int], typer.Option(help="The run's --train-per-category, if any.")] = None,
+    calibration: Annotated[int, typer.Option(help="The benchmark's no-call calibration questions to include "
+                                                  "(held-back live_irrelevance).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Write every margin as JSON.")] = None,
 ) -> None:
     settings = load_settings(model={"name": model})
@@ -68,6 +77,8 @@ def main(
     sets["abstention goals"] = [q for q in goals if q.id.endswith("~none")]
     if near_miss_goals:
         sets["near-miss goals"] = [q for q in goals if q.id.endswith("~near")]
+    if calibration:
+        sets["calibration"] = calibration_goals(split, calibration, 50, settings.tuning.seed)[0]
     margins: dict[str, dict[str, list[float]]] = {}
     solvable: dict[str, list[bool]] = {}
     for label, path in (("base", None), ("adapter", adapter)):
