@@ -16,8 +16,9 @@ sample (:func:`calibration_questions`): pairs of train-category questions with e
 functions did not transfer (a candidate trained without refusals matched the base on them at
 +3.0 and still lost 10 points of irrelevance; candidates trained on such pairs refuse them more
 readily than the base while irrelevance drops), whereas held-back live_irrelevance questions
-were refused within a few points as often as all 240 irrelevance questions by the base model and
-five candidates (``docs/self_improvement.md``). The bias is saved beside the adapter's weights
+were refused within 3 points as often as all 240 irrelevance questions by the base model and four
+of five candidates (``docs/self_improvement.md``, which also records a candidate where the two
+parted). The bias is saved beside the adapter's weights
 (:data:`DECODING_FILE`), so it is applied wherever the adapter is loaded.
 """
 
