@@ -5,8 +5,8 @@
 For the base weights and each adapter, prints the share refused at bias 0 (margin > 0, see
 :func:`selftune.tuning.calibration.no_call_margin`) of the last 100 live_irrelevance questions
 (file order) outside the seeded 240-question sample (so outside every evaluated sample up to
-``--eval-limit 240``) and of all 240 irrelevance questions. If the two shares move together, a no-call bias set on
-the first leaves the second where the base model has it.
+``--eval-limit 240``) and of all 240 irrelevance questions. If the two shares move together, a
+no-call bias set on the first leaves the second where the base model has it.
 """
 
 from __future__ import annotations

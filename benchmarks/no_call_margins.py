@@ -8,7 +8,8 @@ At the tool-name position (the prompt, then ``{"tool": "``) the margin
 the no-call answer. Printed per model: the share of questions refused in each set (held-out
 train-category questions, which want a call; BFCL irrelevance and live_irrelevance, and the
 benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, and with
-``--calibration`` the no-call calibration's held-back live_irrelevance questions, which want none), how well the margin separates them (AUC), and what a no-call bias added to the margin
+``--calibration`` the no-call calibration's held-back live_irrelevance questions, which want
+none), how well the margin separates them (AUC), and what a no-call bias added to the margin
 would trade, including the held-out questions still solved: those whose greedy call with the
 no-call answer withheld passes the checker and whose biased margin stays below zero (a bias
 changes only the call-or-not choice). One forward pass per question and one generation per
@@ -39,6 +40,7 @@ from selftune.bfcl.harness import build_messages, score_reply
 from selftune.settings import load_settings
 from selftune.tuning.calibration import no_call_margin, refusal_share
 
+EVAL_LIMIT = 50  # questions per irrelevance suite, as the benchmark evaluates by default
 BIASES = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -72,13 +74,13 @@ def main(
     heldout = [(q, a) for c, ids in split.heldout.items() for q, a in load_category(c) if q.id in set(ids)]
     sets = {"heldout": [q for q, _ in heldout]}
     for category in ("irrelevance", "live_irrelevance"):
-        sets[category] = [q for q, _ in load_category(category, limit=50, seed=settings.tuning.seed)]
+        sets[category] = [q for q, _ in load_category(category, limit=EVAL_LIMIT, seed=settings.tuning.seed)]
     goals = [q for q, _ in abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)]
     sets["abstention goals"] = [q for q in goals if q.id.endswith("~none")]
     if near_miss_goals:
         sets["near-miss goals"] = [q for q in goals if q.id.endswith("~near")]
     if calibration:
-        sets["calibration"] = calibration_goals(split, calibration, 50, settings.tuning.seed)[0]
+        sets["calibration"] = calibration_goals(split, calibration, EVAL_LIMIT, settings.tuning.seed)[0]
     margins: dict[str, dict[str, list[float]]] = {}
     solvable: dict[str, list[bool]] = {}
     for label, path in (("base", None), ("adapter", adapter)):
