@@ -21,6 +21,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftune.agent.transcript import format_tool_call, to_prompt_messages
@@ -334,6 +335,24 @@ def test_kl_weight_keeps_replayed_conversations_near_the_base(model, tokenizer, 
     drift = {name: _mean_kl_to_base(model, tmp_path / name, examples, tokenizer.eos_token_id)
              for name in ("plain", "pulled")}
     assert drift["pulled"] < 0.5 * drift["plain"]
+    assert _pristine(model) == (True, True, True, "LlamaForCausalLM")
+
+
+def test_lora_scale_shrinks_the_saved_update_and_is_lora_only(model, tokenizer, tmp_path):
+    examples = build_examples([_tool_episode(i) for i in range(4)], tokenizer, max_seq_len=256)
+    train_adapter(model, tokenizer, examples, _settings(), tmp_path / "full", method="lora")
+    train_adapter(model, tokenizer, examples, _settings(lora_scale=0.5), tmp_path / "half", method="lora")
+
+    full, half = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("full", "half"))
+    assert full.keys() == half.keys() and any("lora_B" in name for name in full)
+    for name, tensor in full.items():
+        expected = tensor * 0.5 if "lora_B" in name else tensor
+        assert torch.equal(half[name], expected), name
+    assert any(tensor.abs().max() > 0 for name, tensor in full.items() if "lora_B" in name)  # training moved B
+
+    with pytest.raises(ValueError, match="lora_scale 0.5 applies to LoRA adapters only, not prompt"):
+        train_adapter(model, tokenizer, examples, _settings(lora_scale=0.5), tmp_path / "prompt", method="prompt")
+    assert not (tmp_path / "prompt").exists()
     assert _pristine(model) == (True, True, True, "LlamaForCausalLM")
 
 

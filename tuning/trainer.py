@@ -133,6 +133,16 @@ def _fit(
     return losses, tokens
 
 
+@torch.no_grad()
+def _scale_lora_update(model: PeftModel, scale: float) -> None:
+    """Multiply every LoRA update ``B @ A`` by ``scale`` (through ``B``): weight-space interpolation
+    between the base model (0) and the trained adapter (1)."""
+    if scale != 1.0:
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(scale)
+
+
 def _save_atomically(model: PeftModel, out_dir: Path) -> int:
     """Save into a temp dir beside ``out_dir`` and rename it into place; returns the adapter's size."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +183,8 @@ def train_adapter(
         raise FileExistsError(f"adapter directory already exists: {out_dir}")
     if not examples:
         raise ValueError("no training examples")
+    if settings.lora_scale != 1.0 and spec.name != "lora":
+        raise ValueError(f"lora_scale {settings.lora_scale} applies to LoRA adapters only, not {spec.name}")
     lr = spec.learning_rate(settings)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -190,6 +202,7 @@ def train_adapter(
             start = time.perf_counter()
             losses, tokens = _fit(peft_model, examples, settings, spec.name, lr, pad_token_id)
             seconds = time.perf_counter() - start
+            _scale_lora_update(peft_model, settings.lora_scale)
         adapter_bytes = _save_atomically(peft_model, out_dir)
     finally:
         if peft_model is not None and isinstance(peft_model.base_model, BaseTuner):

@@ -165,6 +165,7 @@ class SelfImprovementRun(BaseModel):
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
     min_abstention_share: float = 0.0
+    lora_scale: float = 1.0
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -309,7 +310,7 @@ def run_self_improvement(
                              kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
-                             min_abstention_share=tuning.min_abstention_share)
+                             min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
