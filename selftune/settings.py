@@ -187,9 +187,12 @@ class TuningSettings(StrictModel):
         0.0, ge=0.0, description="Weight of KL(base || candidate) on the assistant tokens of replay-file conversations: "
                                  "keeps general and abstention replies near the base model's (0 = off).")
     no_call_calibration: int = Field(
-        0, ge=0, description="Questions that set each candidate's no-call bias: BFCL simple_python/multiple "
-                             "questions outside the regression suites' samples, half offered functions that do "
-                             "not fit (0 = no bias; see tuning/calibration.py).")
+        0, ge=0, description="Questions that set each candidate's no-call bias: this many held-back BFCL "
+                             "live_irrelevance questions to refuse and as many simple_python/multiple ones to "
+                             "call (0 = no bias; see tuning/calibration.py).")
+    no_call_slack: float = Field(
+        0.0, ge=0.0, le=1.0, description="The calibrated candidate may refuse this share fewer of the abstention "
+                                         "questions than the model it would replace (0 = at least as many).")
     continue_from_active: bool = Field(
         False, description="Start the candidate from the active adapter's weights instead of the base weights "
                            "(same method only); the default retrains from base on the cumulative buffer.")

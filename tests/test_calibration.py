@@ -13,7 +13,7 @@ from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.models import load_causal_lm
 from selftune.bfcl import load_category
 from selftune.bfcl.harness import build_messages
-from selftune.tuning.calibration import calibrate, no_call_margin, refusal_share
+from selftune.tuning.calibration import calibrate, calibration_target, no_call_margin, refusal_share
 
 SMOL = "smollm2-135m-instruct"
 
@@ -34,6 +34,16 @@ def test_calibration_picks_the_smallest_bias_that_refuses_enough() -> None:
 def test_calibration_that_cannot_reach_its_target_takes_the_largest_bias() -> None:
     chosen = calibrate([-10.0, -9.0], [-1.0], target=1.0, grid=(0.0, 1.0, 2.0))
     assert chosen.bias == 2.0 and chosen.refused == 0.0
+
+
+def test_calibration_target_is_the_strictest_model_less_the_slack() -> None:
+    abstain = [-1.6, -0.6, 0.4, 1.4]
+    assert calibration_target(0.5, 0.75, slack=0.0) == 0.75
+    assert calibration_target(0.5, 0.75, slack=0.25) == 0.5
+    assert calibration_target(0.1, slack=0.5) == 0.0
+    # The slack lowers the bias a candidate needs: here from +0.75 to 0.
+    assert calibrate(abstain, [], calibration_target(0.5, 0.75, slack=0.25)).bias == 0.0
+    assert calibrate(abstain, [], calibration_target(0.5, 0.75, slack=0.0)).bias == 0.75
 
 
 def test_calibration_needs_abstention_questions() -> None:

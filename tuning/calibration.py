@@ -37,7 +37,7 @@ from selftune.tuning.adapters import write_atomic
 
 __all__ = [
     "ABSTAIN_CATEGORY", "BIAS_GRID", "CALL_CATEGORIES", "NoCallCalibration", "calibrate", "calibrate_adapter",
-    "calibration_questions", "no_call_margin", "refusal_share", "save_decoding",
+    "calibration_questions", "calibration_target", "no_call_margin", "refusal_share", "save_decoding",
 ]
 
 # 0 to +4 nats in quarters. Never below 0: the bias undoes tuning's drift towards calling, and a
@@ -102,6 +102,11 @@ def calibrate(abstain_margins: Sequence[float], call_margins: Sequence[float], t
         bias=bias, target=target, refused=refusal_share(abstain_margins, bias),
         called=1.0 - refusal_share(call_margins, bias) if call_margins else None,
         abstain_questions=len(abstain_margins), call_questions=len(call_margins))
+
+
+def calibration_target(*refused: float, slack: float) -> float:
+    """The share to refuse: the most that any model the candidate is held to refuses, less ``slack``."""
+    return max(0.0, max(refused) - slack)
 
 
 def calibrate_adapter(chat: LocalChatModel, adapter_dir: Path, version: str,

@@ -32,7 +32,9 @@ from selftune.memory.records import utc_now
 from selftune.runtime import Runtime
 from selftune.settings import Settings
 from selftune.tuning.adapters import AdapterVersion
-from selftune.tuning.calibration import calibrate_adapter, calibration_questions, no_call_margin, refusal_share
+from selftune.tuning.calibration import (
+    calibrate_adapter, calibration_questions, calibration_target, no_call_margin, refusal_share,
+)
 from selftune.tuning.dataset import build_examples
 from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
@@ -144,8 +146,8 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         train = train_adapter(chat.model, chat.tokenizer, examples, tuning, out_dir, method_name, start_from)
         chat.use_adapter(out_dir, version)
         if abstain:
-            report.calibration = calibrate_adapter(chat, out_dir, version, (abstain, call),
-                                                   max(refused_before, refused_base))
+            report.calibration = calibrate_adapter(chat, out_dir, version, (abstain, call), calibration_target(
+                refused_before, refused_base, slack=tuning.no_call_slack))
         after = evaluate_goals(runtime.agent(sync=False), goals)
         reference_after = chat.cross_entropy(reference_text)
         suites_after = evaluate_regression_suites(chat, tuning.regression_suites, tuning.seed)

@@ -62,6 +62,7 @@ from selftune.tuning.calibration import (
     NoCallCalibration,
     calibrate_adapter,
     calibration_questions,
+    calibration_target,
     no_call_margin,
     refusal_share,
 )
@@ -166,6 +167,7 @@ class SelfImprovementRun(BaseModel):
     max_abstention_share: float = 1.0
     min_abstention_share: float = 0.0
     lora_scale: float = 1.0
+    no_call_slack: float = 0.0
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -310,7 +312,8 @@ def run_self_improvement(
                              kl_weight=tuning.kl_weight if replay else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
-                             min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale)
+                             min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale,
+                             no_call_slack=tuning.no_call_slack)
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
@@ -361,8 +364,8 @@ def run_self_improvement(
             start = time.perf_counter()
             chat.use_adapter(out_dir, version)
             if calibration_count:
-                result.calibration = calibrate_adapter(chat, out_dir, version, calibration_set,
-                                                       target=max(run.base_refused, active_refused))
+                result.calibration = calibrate_adapter(chat, out_dir, version, calibration_set, calibration_target(
+                    run.base_refused, active_refused, slack=tuning.no_call_slack))
             candidate = _evaluate(chat, split, eval_limit, tuning.seed)
             candidate_ce = chat.cross_entropy(reference)
             seconds.evaluate = round(time.perf_counter() - start, 1)
