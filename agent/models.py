@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from selftune.hardware import bfloat16_is_fast
 from selftune.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -39,15 +40,16 @@ __all__ = [
     "list_models",
     "load_causal_lm",
     "prepare_model",
+    "resolve_dtype",
 ]
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 HF_PREFIX = "hf:"
 # Converted weights: bf16 rounding is far below the 4-8 bit GGUF quantization error,
-# and bf16 is the inference default (float32 loads upcast).
+# and float32 loads upcast them losslessly.
 _SAVE_DTYPE = "bfloat16"
 _BLOCK = 8 << 20
-_DTYPES = ("bfloat16", "float32", "float16")
+_DTYPES = ("auto", "bfloat16", "float32", "float16")
 
 
 class WeightsError(RuntimeError):
@@ -230,16 +232,25 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 
+def resolve_dtype(dtype: str) -> str:
+    """The torch dtype name ``dtype`` stands for: ``auto`` is bfloat16 where it is the fast dtype
+    on this CPU (``bfloat16_is_fast``), float32 elsewhere."""
+    if dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype: unsupported dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if bfloat16_is_fast() else "float32"
+
+
 def load_causal_lm(
-    name: str, cache_dir: Path, dtype: str = "bfloat16"
+    name: str, cache_dir: Path, dtype: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model in eval mode and ``dtype``, and its tokenizer set up for batched generation.
+    """Model in eval mode and ``dtype`` (see ``resolve_dtype``), its tokenizer set up for batched generation.
 
     Registered models load strictly offline; ``hf:`` names may use the hub.
     The tokenizer pads on the left, with eos as pad token when it has none.
     """
-    if dtype not in _DTYPES:
-        raise ConfigError(f"model.dtype: unsupported dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+    dtype = resolve_dtype(dtype)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

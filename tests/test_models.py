@@ -29,6 +29,7 @@ from selftune.agent.models import (
     list_models,
     load_causal_lm,
     prepare_model,
+    resolve_dtype,
 )
 from selftune.settings import ConfigError, ModelSettings, Settings
 from selftune.tuning.calibration import save_decoding
@@ -225,10 +226,17 @@ def test_failed_conversion_leaves_no_directory(tmp_path: Path, monkeypatch: pyte
 
 
 def test_loaded_model_is_ready_for_generation(chat: LocalChatModel) -> None:
-    assert chat.model.dtype == torch.bfloat16
+    assert chat.model.dtype == getattr(torch, resolve_dtype("auto"))
     assert not chat.model.training
     assert chat.tokenizer.padding_side == "left"
     assert chat.tokenizer.pad_token is not None
+
+
+@pytest.mark.parametrize(("capability", "expected"), [("AVX512", "bfloat16"), ("AVX2", "float32"), ("DEFAULT", "float32")])
+def test_auto_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, capability: str, expected: str) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert resolve_dtype("auto") == expected
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
 
 
 def test_load_rejects_unknown_dtype(cache_dir: Path) -> None:

@@ -253,7 +253,7 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_base_untouched(method,
     assert isinstance(result, TrainResult) and result.method == method
     assert result.steps == 3 and len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
     assert result.epochs == pytest.approx(1.5) and result.examples == 4
-    assert result.learning_rate == METHODS[method].default_lr
+    assert result.learning_rate == METHODS[method].default_lr and result.dtype == str(model.dtype).removeprefix("torch.")
     assert 0 < result.trainable_params < result.total_params and result.tokens > 0
     assert (out_dir / "adapter_config.json").is_file() and (out_dir / "adapter_model.safetensors").is_file()
     assert result.adapter_bytes == sum(f.stat().st_size for f in out_dir.iterdir())
@@ -587,6 +587,7 @@ def _report(**overrides) -> TuningReport:
     train = TrainResult(
         method="lora", steps=3, epochs=0.75, losses=[2.1, 1.9, 1.6], train_seconds=4.2, examples=4, tokens=600,
         trainable_params=1000, total_params=100000, adapter_bytes=4096, peak_rss_mb=900.0, learning_rate=2e-4,
+        dtype="float32",
     )
     values = dict(
         model_id="smollm2-135m", method="lora", decision="promoted", reason="held-out <accuracy> improved",
@@ -611,6 +612,9 @@ def test_write_report(tmp_path, skipped):
         assert f"\n## {heading}\n" in markdown
         assert f"<h2>{heading}</h2>" in html
     assert set(report.packages) == {"torch", "transformers", "peft"} and torch.__version__ in markdown
+    machine = f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
+    assert machine in markdown and machine in html
+    assert ("| Training dtype | float32 |" in markdown) != skipped and ("not recorded" in markdown) == skipped
     assert "| v0002 | 0.700 |" in markdown and "<td>v0002</td>" in html
     assert "heldout.yaml" in markdown and ("| heldout | 0.500 | 10 | 0.700 | 10 | +0.200 |" in markdown) != skipped
 

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field
 
+from selftune.hardware import Hardware, current_hardware
 from selftune.memory.records import utc_now
 from selftune.tuning.calibration import NoCallCalibration
 from selftune.tuning.replay import ReplayMix
@@ -43,6 +44,7 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
 
 
 class SuiteResult(BaseModel):
@@ -82,6 +84,7 @@ class TuningReport(BaseModel):
     calibration: NoCallCalibration | None = None  # the candidate's no-call bias (tuning.no_call_calibration)
     config: dict[str, Any] = Field(default_factory=dict)
     packages: dict[str, str] = Field(default_factory=package_versions)
+    hardware: Hardware | None = Field(default_factory=current_hardware)
     history: list[tuple[str, float]] = Field(default_factory=list)  # (version, held-out accuracy), oldest first
 
 

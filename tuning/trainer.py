@@ -48,6 +48,7 @@ class TrainResult(BaseModel):
     adapter_bytes: int
     peak_rss_mb: float  # peak resident memory of this process so far
     learning_rate: float
+    dtype: str | None = None  # the weights' dtype while training (None in reports written before it was kept)
 
 
 def _batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator[list[SFTExample]]:
@@ -224,4 +225,5 @@ def train_adapter(
         adapter_bytes=adapter_bytes,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         learning_rate=lr,
+        dtype=str(model.dtype).removeprefix("torch."),
     )

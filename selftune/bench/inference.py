@@ -30,7 +30,7 @@ from langchain_core.outputs import ChatResult
 
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.loop import Agent
-from selftune.agent.models import load_causal_lm
+from selftune.agent.models import load_causal_lm, resolve_dtype
 from selftune.memory.episodes import EpisodeStore
 from selftune.settings import Settings, ToolSettings
 from selftune.tools.registry import ToolContext, build_tools
@@ -189,7 +189,7 @@ def run_inference_bench(settings: Settings, steps: int = 20) -> dict[str, Any]:
     return {
         "benchmark": "inference",
         "model": settings.model.name,
-        "dtype": settings.model.dtype,
+        "dtype": resolve_dtype(settings.model.dtype),
         "torch_threads": torch.get_num_threads(),
         "steps": len(rows),
         "output_tokens": sum(row["output_tokens"] for row in rows),

@@ -168,6 +168,7 @@ class SelfImprovementRun(BaseModel):
     min_abstention_share: float = 0.0
     lora_scale: float = 1.0
     no_call_slack: float = 0.0
+    dtype: str = "bfloat16"  # the runs recorded before `model.dtype: auto` were all bf16
     rounds: list[BenchRound] = Field(default_factory=list)
 
 
@@ -313,7 +314,7 @@ def run_self_improvement(
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale,
-                             no_call_slack=tuning.no_call_slack)
+                             no_call_slack=tuning.no_call_slack, dtype=str(model.dtype).removeprefix("torch."))
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
