@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from selftune.agent.models import resolve_dtype
 from selftune.agent.transcript import format_tool_call, to_prompt_messages
 from selftune.memory.records import ChatMessage, Episode, Step, ToolCall
 from selftune.settings import TuningMethod, TuningSettings
@@ -56,7 +57,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def model():
-    loaded = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=GGUF, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=GGUF, dtype=getattr(torch, resolve_dtype("auto")))
     loaded.hf_quantizer.remove_quantization_config(loaded)
     loaded.eval()
     return loaded
