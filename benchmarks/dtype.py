@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -26,7 +27,7 @@ from selftune.tuning.methods import get_method
 DTYPES = ("bfloat16", "float32")
 
 
-def _best_of(repeats: int, run) -> float:
+def _best_of(repeats: int, run: Callable[[], None]) -> float:
     """Least seconds over ``repeats`` calls of ``run`` (after one warm-up call)."""
     run()
     times = []
