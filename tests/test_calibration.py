@@ -59,7 +59,9 @@ def chat(model_cache: Path) -> LocalChatModel:
 
 def test_the_margin_predicts_where_the_bias_flips_greedy_decoding(chat: LocalChatModel) -> None:
     """Through the real model and grammar: just above -margin the reply is the no-call answer,
-    just below it a call."""
+    just below it a call. "Just" is 0.75: the margin reads the prompt with the call opening
+    tokenized canonically (`{"`, `tool`, ...), while greedy decoding may spell it otherwise
+    (`{`, `"`, `tool`, ... for SmolLM2 in float32), which moves the logits by up to ~0.5."""
     question = load_category("simple_python", limit=1, seed=0)[0][0]
     margin = no_call_margin(chat, question)
 
@@ -70,7 +72,7 @@ def test_the_margin_predicts_where_the_bias_flips_greedy_decoding(chat: LocalCha
         return json.loads(reply.content)["tool"]
 
     try:
-        assert tool(-margin + 0.3) == NO_CALL_TOOL
-        assert tool(-margin - 0.3) in {t["function"]["name"] for t in question.tools()}
+        assert tool(-margin + 0.75) == NO_CALL_TOOL
+        assert tool(-margin - 0.75) in {t["function"]["name"] for t in question.tools()}
     finally:
         chat.no_call_bias = 0.0
