@@ -46,7 +46,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-
 class SuiteResult(BaseModel):
     """Accuracy of one evaluation suite run."""
 
