@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding
+from selftune.agent.models import resolve_dtype
 from selftune.agent.loop import Agent
 from selftune.memory.records import Verifier
 from selftune.runtime import Runtime
@@ -118,6 +119,8 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     assert "data:image/png;base64" in (outcome.report_dir / "report.html").read_text()
     report = json.loads((outcome.report_dir / "report.json").read_text())
     assert report["train"]["losses"] and report["eval_after"]["heldout"]["n"] == 1
+    # The machine and the dtype the adapter trained in, as this runtime loaded the model.
+    assert report["hardware"]["cores"] == os.cpu_count() and report["train"]["dtype"] == resolve_dtype("auto")
     # Regression suite (BFCL abstention) measured on both sides and named in the decision.
     assert report["eval_before"]["bfcl:irrelevance"]["n"] == report["eval_after"]["bfcl:irrelevance"]["n"] == 2
     assert "bfcl:irrelevance" in outcome.reason and "bfcl:irrelevance_after" in entry.metrics

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftune.agent.models import resolve_dtype
 from selftune.agent.transcript import format_tool_call, to_prompt_messages
+from selftune.hardware import current_hardware
 from selftune.memory.records import ChatMessage, Episode, Step, ToolCall
 from selftune.settings import TuningMethod, TuningSettings
 from selftune.tuning import adapters as adapters_module
@@ -596,7 +597,7 @@ def _report(**overrides) -> TuningReport:
         scores=[0.2, 0.75, 0.9, 1.0], train=train,
         eval_before={"heldout": SuiteResult(name="heldout", accuracy=0.5, n=10, passed=5)}, eval_after={"heldout": SuiteResult(name="heldout", accuracy=0.7, n=10, passed=7)},
         config={"tuning": {"method": "lora", "heldout_file": Path("/x/heldout.yaml")}},
-        history=[("v0001", 0.5), ("v0002", 0.7)],
+        history=[("v0001", 0.5), ("v0002", 0.7)], hardware=current_hardware(),
     )
     return TuningReport(**(values | overrides))
 
@@ -616,6 +617,9 @@ def test_write_report(tmp_path, skipped):
     machine = f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
     assert machine in markdown and machine in html
     assert ("| Training dtype | float32 |" in markdown) != skipped and ("not recorded" in markdown) == skipped
+    older = json.loads(paths.json_path.read_text())
+    del older["hardware"]  # a report written before the machine was recorded does not claim this one
+    assert TuningReport.model_validate(older).hardware is None
     assert "| v0002 | 0.700 |" in markdown and "<td>v0002</td>" in html
     assert "heldout.yaml" in markdown and ("| heldout | 0.500 | 10 | 0.700 | 10 | +0.200 |" in markdown) != skipped
 

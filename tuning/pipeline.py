@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from selftune.agent.goals import load_goals
 from selftune.agent.local_chat import LocalChatModel
 from selftune.bfcl import BfclQuestion, load_category
+from selftune.hardware import current_hardware
 from selftune.memory.records import utc_now
 from selftune.runtime import Runtime
 from selftune.settings import Settings
@@ -104,7 +105,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
         episodes_selected=len(selection.selected), episodes_oversampled=len(selection.oversampled),
         scores=selection.scores,
         chosen=selection.chosen, skipped=selection.skipped, config=settings.model_dump(mode="json"),
-        history=_history(runtime),
+        history=_history(runtime), hardware=current_hardware(),
     )
 
     def finish(decision: Decision, reason: str, **extra: object) -> TuningOutcome:

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field
 
-from selftune.hardware import Hardware, current_hardware
+from selftune.hardware import Hardware
 from selftune.memory.records import utc_now
 from selftune.tuning.calibration import NoCallCalibration
 from selftune.tuning.replay import ReplayMix
@@ -83,7 +83,7 @@ class TuningReport(BaseModel):
     calibration: NoCallCalibration | None = None  # the candidate's no-call bias (tuning.no_call_calibration)
     config: dict[str, Any] = Field(default_factory=dict)
     packages: dict[str, str] = Field(default_factory=package_versions)
-    hardware: Hardware | None = Field(default_factory=current_hardware)
+    hardware: Hardware | None = None  # the machine it ran on; None in reports written before it was kept
     history: list[tuple[str, float]] = Field(default_factory=list)  # (version, held-out accuracy), oldest first
 
 
