@@ -510,6 +510,7 @@ class GrammarCache:
         max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
         max_items: int = DEFAULT_MAX_ITEMS,
         no_call_bias: float = 0.0,
+        stop_at_choice: bool = False,
     ) -> ToolCallLogitsProcessor:
         """A fresh :class:`ToolCallLogitsProcessor` for one ``generate`` call (see there)."""
         grammar = self.compile_tools(
@@ -518,7 +519,7 @@ class GrammarCache:
         return ToolCallLogitsProcessor(
             grammar, self, max_new_tokens=max_new_tokens, prefix=prefix, stop_token_ids=stop_token_ids,
             no_call_bias=no_call_bias if allow_no_call else 0.0,
-            tool_names=[function["name"] for function in openai_functions(tools)],
+            tool_names=[function["name"] for function in openai_functions(tools)], stop_at_choice=stop_at_choice,
         )
 
     def __len__(self) -> int:
@@ -704,6 +705,7 @@ class _Row:
     next_plan: list[int] | None = None  # the closing plan from the current state, when known
     failed: bool = False
     head: bytes = b""  # the reply's first bytes (prefix included), up to the tool name of a single call
+    no_call_margin: float | None = None  # see ToolCallLogitsProcessor.no_call_margins
 
 
 class ToolCallLogitsProcessor(LogitsProcessor):
@@ -727,7 +729,9 @@ class ToolCallLogitsProcessor(LogitsProcessor):
     between it and the offered tools (``tool_names``), i.e. at the tool name of
     ``{"tool": "`` (leading whitespace aside): above 0 the model abstains more often. Only tokens
     that start ``none`` and no offered tool's name get it, so a tool named like ``nonempty``
-    keeps its shared first tokens unbiased.
+    keeps its shared first tokens unbiased. While the reply chooses, each row records its
+    :attr:`no_call_margins`; ``stop_at_choice`` ends the reply once it has chosen (a probe of the
+    choice that costs a few tokens, not a reply).
 
     Works for batches (one matcher per row). Statistics: ``steps``, ``forced_tokens``,
     ``mask_seconds`` (time spent in this processor).
@@ -745,9 +749,10 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         guard_top_k: int = 3,
         no_call_bias: float = 0.0,
         tool_names: Iterable[str] = (),
+        stop_at_choice: bool = False,
     ) -> None:
         self.grammar, self.cache, self.vocab = grammar, cache, cache.vocab
-        self.no_call_bias = no_call_bias
+        self.no_call_bias, self.stop_at_choice = no_call_bias, stop_at_choice
         self._tool_names = [name.encode() for name in tool_names]
         self._no_call_tokens: dict[bytes, np.ndarray] = {}
         self.max_new_tokens, self.prefix = max_new_tokens, prefix
@@ -803,12 +808,39 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         return tokens
 
     @staticmethod
+    def _choosing(row: _Row) -> bool:
+        """Whether the reply has not yet chosen between the offered tools and the no-call answer."""
+        return _CALL_OPENING.startswith(row.head)
+
+    @staticmethod
     def _track_head(row: _Row, data: bytes) -> None:
         if len(row.head) <= len(_CALL_OPENING):
             row.head = (row.head + data).lstrip()[: len(_CALL_OPENING) + 1]
 
     def _check_prefix(self) -> None:
         self._new_row()  # raises early on a prefix the grammar rejects
+
+    @property
+    def no_call_margins(self) -> list[float | None]:
+        """Per row: the largest gap, over the steps where the reply chose its tool, between the best
+        token that chooses the no-call answer and the best other admissible token (before
+        ``no_call_bias``). Greedy decoding answers "no tool" exactly when margin + bias > 0: until a
+        step flips, the bias changes no choice. None where no step offered the no-call answer."""
+        return [row.no_call_margin for row in self.rows]
+
+    def _record_choice(self, row: _Row, row_scores: np.ndarray) -> None:
+        choice = self._no_call_choice(row.head)
+        choice = choice[choice < row_scores.shape[0]]
+        if not choice.size:
+            return
+        chosen = row_scores[choice]
+        best = float(chosen.max())
+        if not np.isfinite(best):
+            return  # the grammar does not offer the no-call answer here
+        row_scores[choice] = -np.inf
+        margin = best - float(row_scores.max())
+        row_scores[choice] = chosen
+        row.no_call_margin = margin if row.no_call_margin is None else max(row.no_call_margin, margin)
 
     def _accept(self, row: _Row, token: int) -> None:
         if row.failed or row.matcher.is_terminated():
@@ -925,7 +957,7 @@ class ToolCallLogitsProcessor(LogitsProcessor):
         masked_width = min(width, self.vocab.size)
         forced: dict[int, int] = {}
         for i, row in enumerate(self.rows):
-            if row.failed or row.matcher.is_terminated():
+            if row.failed or row.matcher.is_terminated() or self.stop_at_choice and not self._choosing(row):
                 forced[i] = self.stop_token_ids[0]
             elif row.plan:
                 forced[i] = row.plan[0]
@@ -949,8 +981,10 @@ class ToolCallLogitsProcessor(LogitsProcessor):
             if i in forced:
                 continue
             row_scores = array[i]
-            if self.no_call_bias and _CALL_OPENING.startswith(row.head):
-                row_scores[self._no_call_choice(row.head)] += self.no_call_bias
+            if self._choosing(row):
+                self._record_choice(row, row_scores)
+                if self.no_call_bias:
+                    row_scores[self._no_call_choice(row.head)] += self.no_call_bias
             if self._layout:
                 strung = self.vocab.strung[(row.text.in_string, row.text.escape)]
                 row_scores[strung[strung < width]] = -np.inf

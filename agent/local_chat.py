@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from pydantic import BaseModel, Field, PrivateAttr
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from selftune.agent.constrained import grammar_cache, openai_functions
+from selftune.agent.constrained import ToolCallLogitsProcessor, grammar_cache, openai_functions
 from selftune.agent.prefix_cache import PrefixCache
 from selftune.agent.speculative import greedy_decode
 from selftune.agent.virtual_prefix import VirtualPrefix
@@ -32,6 +32,8 @@ class AdapterDecoding(BaseModel):
     """Decoding settings that belong to one adapter's weights and are applied with them."""
 
     no_call_bias: float = 0.0  # added to the no-call answer's score in tool calls (see ToolCallLogitsProcessor)
+
+_GREEDY: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 _ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
 
@@ -187,21 +189,17 @@ class LocalChatModel(BaseChatModel):
             raise TypeError(f"unsupported generation arguments: {', '.join(sorted(kwargs))}")
         stop = [s for s in (stop or []) if s]
 
-        prompt = self.render_prompt(messages, prefix)
-        prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        input_ids = self._virtual.placeholders(prompt_ids) if self._virtual else prompt_ids
+        prompt_ids, input_ids = self._prompt_ids(messages, prefix)
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
             options.update(do_sample=True, temperature=temperature)
         else:
-            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            options.update(_GREEDY)
         processor = None
         if tools:
             # Grammar-constrained decoding: the reply is always a valid call of one of ``tools``.
-            processor = grammar_cache(self.tokenizer, self.model.config.vocab_size).processor(
-                openai_functions(tools), max_new_tokens=max_new_tokens, prefix=prefix,
-                allow_no_call=allow_no_call, max_calls=max_calls, no_call_bias=self.no_call_bias,
-                stop_token_ids=self.model.generation_config.eos_token_id)
+            processor = self._tool_processor(
+                tools, max_new_tokens, prefix=prefix, allow_no_call=allow_no_call, max_calls=max_calls)
             options["logits_processor"] = LogitsProcessorList([processor])
             stop = []  # a stop string could cut the JSON the grammar guarantees
         if stop:
@@ -210,23 +208,7 @@ class LocalChatModel(BaseChatModel):
 
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            # Virtual positions live in the cache; the base model decodes after them.
-            decoder = self.model if self._virtual else self._active
-            cache = self._prefix_cache.take(input_ids[0]) if self.prefix_cache_entries > 0 else None
-            cache = self._virtual.fill(self.model, cache) if self._virtual else cache
-            if temperature == 0 and self._drafts(constrained=processor is not None) and not stop:
-                output, stats = greedy_decode(
-                    decoder, input_ids, processor, max_new_tokens, self._eos_ids(), cache,
-                    jump_forward=self.jump_forward, lookup_tokens=self.lookup_tokens)
-                forward_passes = stats.forward_passes
-            else:
-                if cache is not None:
-                    options["cache"] = cache
-                output = decoder.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
-                forward_passes = output.shape[1] - input_ids.shape[1]
-            if cache is not None and self.prefix_cache_entries > 0:
-                self._prefix_cache.put(output[0], cache)
+            output, forward_passes = self._decode(input_ids, processor, options)
             latency = time.perf_counter() - start
             adapter_version = self.adapter_version
 
@@ -251,6 +233,56 @@ class LocalChatModel(BaseChatModel):
             },
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def no_call_margin(self, messages: list[BaseMessage], tools: list[Any]) -> float:
+        """How far the greedy reply to ``messages`` is from answering that none of ``tools`` fits, with
+        the active adapter and before its ``no_call_bias``: it answers so exactly when margin + bias > 0
+        (:attr:`ToolCallLogitsProcessor.no_call_margins`, read on the decoder's own tokens; decoding
+        stops once the reply has chosen)."""
+        _, input_ids = self._prompt_ids(messages)
+        processor = self._tool_processor(tools, self.max_new_tokens, allow_no_call=True, stop_at_choice=True)
+        options = {"max_new_tokens": self.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                   **_GREEDY, "logits_processor": LogitsProcessorList([processor])}
+        with self._lock, torch.inference_mode():
+            self._decode(input_ids, processor, options)
+        margin = processor.no_call_margins[0]
+        if margin is None:
+            raise RuntimeError("the reply never chose between the tools and the no-call answer")
+        return margin
+
+    def _prompt_ids(self, messages: list[BaseMessage], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's token ids, and the ids to decode from (with a prompt-tuning adapter's placeholders)."""
+        prompt = self.render_prompt(messages, prefix)
+        prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return prompt_ids, self._virtual.placeholders(prompt_ids) if self._virtual else prompt_ids
+
+    def _tool_processor(self, tools: list[Any], max_new_tokens: int, **options: Any) -> ToolCallLogitsProcessor:
+        return grammar_cache(self.tokenizer, self.model.config.vocab_size).processor(
+            openai_functions(tools), max_new_tokens=max_new_tokens, no_call_bias=self.no_call_bias,
+            stop_token_ids=self.model.generation_config.eos_token_id, **options)
+
+    def _decode(self, input_ids: torch.Tensor, processor: ToolCallLogitsProcessor | None,
+                options: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """``(prompt + new tokens, forward passes)`` under ``options`` (``generate``'s keyword
+        arguments); greedy replies take the drafting decoder. The caller holds the lock."""
+        # Virtual positions live in the cache; the base model decodes after them.
+        decoder = self.model if self._virtual else self._active
+        cache = self._prefix_cache.take(input_ids[0]) if self.prefix_cache_entries > 0 else None
+        cache = self._virtual.fill(self.model, cache) if self._virtual else cache
+        greedy = not options.get("do_sample") and "stopping_criteria" not in options
+        if greedy and self._drafts(constrained=processor is not None):
+            output, stats = greedy_decode(
+                decoder, input_ids, processor, options["max_new_tokens"], self._eos_ids(), cache,
+                jump_forward=self.jump_forward, lookup_tokens=self.lookup_tokens)
+            forward_passes = stats.forward_passes
+        else:
+            if cache is not None:
+                options["cache"] = cache
+            output = decoder.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
+            forward_passes = output.shape[1] - input_ids.shape[1]
+        if cache is not None and self.prefix_cache_entries > 0:
+            self._prefix_cache.put(output[0], cache)
+        return output, forward_passes
 
     def _drafts(self, constrained: bool) -> bool:
         """Whether greedy decoding has drafts to check: grammar-forced tokens or prompt lookup."""

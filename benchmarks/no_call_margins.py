@@ -2,17 +2,16 @@
 
     .venv/bin/python benchmarks/no_call_margins.py --adapter WORK_DIR/adapters/v0001 [--out F.json]
 
-At the tool-name position (the prompt, then ``{"tool": "``) the margin
-(:func:`selftune.tuning.calibration.no_call_margin`) is the log-probability of the first token of
-``none`` minus the best first token of an offered function's name: above zero the greedy reply is
-the no-call answer. Printed per model: the share of questions refused in each set (held-out
+While the greedy reply chooses its tool, the margin (:func:`selftune.tuning.calibration.no_call_margin`)
+is the largest gap between the best token that chooses ``none`` and the best other admissible
+token: above zero the greedy reply is the no-call answer. Printed per model: the share of questions refused in each set (held-out
 train-category questions, which want a call; BFCL irrelevance and live_irrelevance, and the
 benchmark's own abstention goals and, with ``--near-miss-goals``, its near-miss goals, and with
 ``--calibration`` the no-call calibration's held-back live_irrelevance questions, which want
 none), how well the margin separates them (AUC), and what a no-call bias added to the margin
 would trade, including the held-out questions still solved: those whose greedy call with the
 no-call answer withheld passes the checker and whose biased margin stays below zero (a bias
-changes only the call-or-not choice). One forward pass per question and one generation per
+changes only the call-or-not choice). A few decoding steps per question and one generation per
 held-out question (the sets of ``selftune bench self-improvement``: the committed split, 50
 seeded questions per irrelevance category). Margins are raw: an adapter's saved bias is one row of
 the table.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selftune.agent.constrained import NO_CALL_TOOL
+from selftune.agent.constrained import NO_CALL_TOOL, grammar_cache
 from selftune.agent.generation import generate
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.models import load_causal_lm
@@ -58,21 +58,38 @@ def chat(model_cache: Path) -> LocalChatModel:
 
 
 def test_the_margin_predicts_where_the_bias_flips_greedy_decoding(chat: LocalChatModel) -> None:
-    """Through the real model and grammar: just above -margin the reply is the no-call answer,
-    just below it a call. "Just" is 0.75: the margin reads the prompt with the call opening
-    tokenized canonically (`{"`, `tool`, ...), while greedy decoding may spell it otherwise
-    (`{`, `"`, `tool`, ... for SmolLM2 in float32), which moves the logits by up to ~0.5."""
+    """Through the real model and grammar: just above -margin the reply is the no-call answer, just
+    below it a call. The margin is read on the decoder's own tokens, so "just" is float noise (the
+    probe and the reply may prefill the prompt differently: one of them can hit the prefix cache)."""
+    for question, _ in load_category("simple_python", limit=2, seed=0):
+        margin = no_call_margin(chat, question)
+
+        def tool(bias: float) -> str:
+            chat.no_call_bias = bias
+            reply = generate(chat, build_messages(question), max_tokens=64, temperature=0.0,
+                             tools=question.tools(), allow_no_call=True)
+            return json.loads(reply.content)["tool"]
+
+        try:
+            assert tool(-margin + 0.05) == NO_CALL_TOOL
+            assert tool(-margin - 0.05) in {t["function"]["name"] for t in question.tools()}
+        finally:
+            chat.no_call_bias = 0.0
+
+
+def test_the_margin_ignores_the_active_bias_and_the_probe_stops_at_the_choice(chat: LocalChatModel) -> None:
     question = load_category("simple_python", limit=1, seed=0)[0][0]
     margin = no_call_margin(chat, question)
-
-    def tool(bias: float) -> str:
-        chat.no_call_bias = bias
-        reply = generate(chat, build_messages(question), max_tokens=64, temperature=0.0,
-                         tools=question.tools(), allow_no_call=True)
-        return json.loads(reply.content)["tool"]
-
+    chat.no_call_bias = 3.0
     try:
-        assert tool(-margin + 0.75) == NO_CALL_TOOL
-        assert tool(-margin - 0.75) in {t["function"]["name"] for t in question.tools()}
+        assert no_call_margin(chat, question) == pytest.approx(margin, abs=1e-3)
     finally:
         chat.no_call_bias = 0.0
+    grammar = grammar_cache(chat.tokenizer, chat.model.config.vocab_size)
+    probe = grammar.processor(question.tools(), max_new_tokens=64, allow_no_call=True, stop_at_choice=True,
+                              stop_token_ids=chat.model.generation_config.eos_token_id)
+    prompt = chat.tokenizer(chat.render_prompt(build_messages(question)), return_tensors="pt")["input_ids"]
+    output = chat.model.generate(prompt, max_new_tokens=64, do_sample=False, logits_processor=[probe])
+    reply = chat.tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert reply.startswith('{"tool": "') and '"arguments"' not in reply  # stopped once the name began
+    assert probe.no_call_margins[0] == pytest.approx(margin, abs=0.05)

@@ -3,10 +3,11 @@
 Tuning on the model's own verified calls teaches it to call more readily, and that
 readiness carries over to questions no offered tool fits: abstention suites drop although the
 candidate separates the two kinds of question better than the base model does (measured in
-``docs/self_improvement.md``). So the threshold is set apart from the weights. At the tool-name
-position (the prompt, then ``{"tool": "``) the *margin* is the log-probability of the first token
-of ``none`` minus that of the best first token of an offered tool's name; greedy decoding
-answers "no tool" when margin + bias > 0 (``ToolCallLogitsProcessor``'s ``no_call_bias``).
+``docs/self_improvement.md``). So the threshold is set apart from the weights. While the greedy
+reply chooses its tool (``{"tool": "`` and the name's first token, in the decoder's own tokens)
+the *margin* is the largest gap between the best token that chooses ``none`` and the best other
+admissible token; greedy decoding answers "no tool" exactly when margin + bias > 0
+(``ToolCallLogitsProcessor``'s ``no_call_bias`` and ``no_call_margins``).
 
 :func:`calibrate` picks the smallest bias on :data:`BIAS_GRID` at which the candidate refuses
 at least ``target`` of a set of abstention questions it was never trained or gated on (the
@@ -29,7 +30,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from selftune.agent.constrained import JSON_CALL_PREFIX, NO_CALL_TOOL
 from selftune.agent.local_chat import DECODING_FILE, AdapterDecoding, LocalChatModel
 from selftune.bfcl import BfclQuestion, load_category
 from selftune.bfcl.harness import build_messages
@@ -58,17 +58,8 @@ class NoCallCalibration(BaseModel):
 
 
 def no_call_margin(chat: LocalChatModel, question: BfclQuestion) -> float:
-    """log P(first token of ``none``) - max log P(first token of an offered tool's name), with the
-    active adapter, at the tool-name position of ``question``'s reply. The reply's opening is
-    tokenized canonically here; greedy decoding may spell it in other tokens, which moves the
-    logits there by a few tenths (measured up to ~0.5 on SmolLM2 in float32)."""
-    prompt = chat.render_prompt(build_messages(question)) + JSON_CALL_PREFIX
-    scores = chat.next_token_logits(prompt).log_softmax(-1)
-
-    def first(name: str) -> float:
-        return float(scores[chat.tokenizer(name, add_special_tokens=False)["input_ids"][0]])
-
-    return first(NO_CALL_TOOL) - max(first(tool["function"]["name"]) for tool in question.tools())
+    """The margin of ``question``'s greedy reply with the active adapter (see the module docstring)."""
+    return chat.no_call_margin(build_messages(question), question.tools())
 
 
 def calibration_questions(count: int, exclude: set[str] = frozenset()) -> tuple[list[BfclQuestion], list[BfclQuestion]]:
