@@ -341,11 +341,15 @@ def feedback(
 
 
 @app.command()
-def tune(method: Annotated[Optional[str], typer.Option(help="lora, prompt or prefix (default from config).")] = None) -> None:
+def tune(
+    method: Annotated[Optional[str], typer.Option(help="lora, prompt or prefix (default from config).")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Train even when a registered version was trained on the same examples and settings.")] = False,
+) -> None:
     """Select good episodes, train an adapter, gate it on held-out goals, promote or reject it."""
     from selftune.tuning.pipeline import run_tuning_round
 
-    outcome = run_tuning_round(_runtime(), method=method)
+    outcome = run_tuning_round(_runtime(), method=method, force=force)
     console.print(f"[bold]{outcome.decision}[/bold]: {outcome.reason}")
     if outcome.report_dir:
         console.print(f"report: {outcome.report_dir / 'report.html'}")

@@ -146,6 +146,33 @@ def test_tuning_round_trains_gates_registers_and_reports(runtime):
     runtime.sync_adapter()
 
 
+def test_a_round_with_nothing_new_to_train_on_is_skipped_unless_forced(runtime, monkeypatch):
+    """Training is deterministic: the same examples, settings and active adapter would rebuild a
+    registered version, so such a round stops before evaluating anything."""
+    monkeypatch.setattr(pipeline, "gate", lambda *args, **kwargs: ("rejected", "test: rejected"))
+    first = run_tuning_round(runtime, method="lora")
+    assert first.decision == "rejected"
+    versions, active = runtime.adapters.list(), runtime.adapters.active_version()
+
+    again = run_tuning_round(runtime, method="lora")
+
+    assert again.decision == "skipped" and f"{first.version} (rejected)" in again.reason
+    assert "nothing new to train on" in again.reason
+    assert runtime.adapters.list() == versions and runtime.adapters.active_version() == active
+    assert json.loads((again.report_dir / "report.json").read_text())["decision"] == "skipped"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # reached training: the round was not skipped
+
+    monkeypatch.setattr(pipeline, "train_adapter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning_round(runtime, method="lora", force=True)
+    monkeypatch.setattr(runtime.settings.tuning, "max_steps", runtime.settings.tuning.max_steps + 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning_round(runtime, method="lora")  # other settings: other training
+    assert runtime.adapters.list() == versions
+
+
 def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(runtime, monkeypatch):
     """With an adapter active, the gate's reference bound starts from the base weights' cross-entropy,
     not the active adapter's, so drift cannot add up over promotions. The candidate also gets its

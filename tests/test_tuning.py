@@ -32,7 +32,9 @@ from selftune.settings import TuningMethod, TuningSettings
 from selftune.tuning import adapters as adapters_module
 from selftune.tuning import trainer as trainer_module
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion, RegistryError
-from selftune.tuning.dataset import IGNORE_INDEX, ChatTemplateError, SFTExample, build_examples, collate
+from selftune.tuning.dataset import (
+    IGNORE_INDEX, ChatTemplateError, SFTExample, build_examples, collate, training_fingerprint,
+)
 from selftune.tuning.methods import METHODS, get_method
 from selftune.tuning.report import (
     REPORT_SECTIONS, SuiteResult, TuningReport, latest_report, write_report,
@@ -162,6 +164,22 @@ def test_template_that_rewrites_earlier_turns_is_rejected(tokenizer):
     )
     with pytest.raises(ChatTemplateError, match="rewrites earlier turns"):
         build_examples([_tool_episode(1)], broken, max_seq_len=1024)
+
+
+def test_training_fingerprint_changes_with_anything_training_reads():
+    examples = [SFTExample(episode_id="a", input_ids=[1, 2, 3], labels=[-100, 2, 3], trainable_turns=1),
+                SFTExample(episode_id="b", input_ids=[4, 5], labels=[-100, 5], trainable_turns=1)]
+    fingerprint = training_fingerprint(examples, "lora", "settings")
+    renamed = [example.model_copy(update={"episode_id": "x"}) for example in examples]
+    assert training_fingerprint(renamed, "lora", "settings") == fingerprint  # ids are not trained on
+    assert training_fingerprint(examples[::-1], "lora", "settings") != fingerprint
+    assert training_fingerprint(examples, "prompt", "settings") != fingerprint
+    assert training_fingerprint(examples, "lora", "other settings") != fingerprint
+    assert training_fingerprint(examples, "lo", "ra", "settings") != fingerprint
+    relabelled = [examples[0].model_copy(update={"labels": [-100, -100, 3]}), examples[1]]
+    assert training_fingerprint(relabelled, "lora", "settings") != fingerprint
+    distilled = [examples[0], examples[1].model_copy(update={"distill": True})]
+    assert training_fingerprint(distilled, "lora", "settings") != fingerprint
 
 
 def test_collate_right_pads_with_masks():

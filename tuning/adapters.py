@@ -51,6 +51,7 @@ class AdapterVersion(BaseModel):
     note: str = ""
     reason: str | None = None  # why the current status was set
     trained_on: list[str] = Field(default_factory=list)  # ids of the stored episodes it was trained on
+    fingerprint: str | None = None  # training_fingerprint of its examples, settings and starting point
     path: Path
 
 

@@ -18,6 +18,7 @@ or that have no trainable turn, give no example; counts are logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, model_validator
 from selftune.agent.transcript import to_prompt_messages
 from selftune.memory.records import ChatMessage, Episode
 
-__all__ = ["IGNORE_INDEX", "ChatTemplateError", "SFTExample", "build_examples", "collate"]
+__all__ = ["IGNORE_INDEX", "ChatTemplateError", "SFTExample", "build_examples", "collate", "training_fingerprint"]
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -131,3 +132,14 @@ def collate(batch: list[SFTExample], pad_token_id: int) -> dict[str, torch.Tenso
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def training_fingerprint(examples: list[SFTExample], *context: str) -> str:
+    """A hash of what a training run learns from: every example's tokens, labels and distillation
+    flag, in order, plus ``context`` (settings, starting point). Equal fingerprints train equal adapters."""
+    digest = hashlib.sha256()
+    for part in context:
+        digest.update(part.encode() + b"\0")
+    for example in examples:
+        digest.update(example.model_dump_json(include={"input_ids", "labels", "distill"}).encode() + b"\0")
+    return digest.hexdigest()

@@ -36,7 +36,7 @@ from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.calibration import (
     calibrate_adapter, calibration_questions, calibration_target, no_call_margin, refusal_share,
 )
-from selftune.tuning.dataset import build_examples
+from selftune.tuning.dataset import build_examples, training_fingerprint
 from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
 from selftune.tuning.replay import earlier_training_data, load_replay_file, mix_replay
@@ -90,8 +90,11 @@ def regression_baseline(active: SuiteResult, base: SuiteResult) -> SuiteResult:
     return active
 
 
-def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutcome:
-    """Run one round on ``runtime``'s data dir and model; always writes a report."""
+def run_tuning_round(runtime: Runtime, method: str | None = None, force: bool = False) -> TuningOutcome:
+    """Run one round on ``runtime``'s data dir and model; always writes a report.
+
+    A round whose examples, tuning settings and active adapter are those of a registered version
+    is skipped (training is deterministic: it would rebuild that version), unless ``force``."""
     settings = runtime.settings
     tuning = settings.tuning
     method_name = get_method(method or tuning.method).name
@@ -128,6 +131,12 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
     examples = build_examples(episodes, chat.tokenizer, tuning.max_seq_len)
     if not examples:
         return finish("skipped", f"every selected episode is longer than max_seq_len={tuning.max_seq_len}")
+    fingerprint = training_fingerprint(examples, method_name, settings.model.name, tuning.model_dump_json(),
+                                       previous or "base")
+    same = next((entry for entry in reversed(runtime.adapters.list()) if entry.fingerprint == fingerprint), None)
+    if same and not force:
+        return finish("skipped", f"nothing new to train on: {same.version} ({same.status}) was trained on the same "
+                                 f"examples and settings from the same active adapter; waiting for new episodes")
 
     goals = load_goals(tuning.heldout_file)[: tuning.heldout_limit]
     reference_text = tuning.reference_file.read_text()
@@ -169,6 +178,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None) -> TuningOutco
                  **{f"{name}_before": result.accuracy for name, result in suites_before.items()},
                  **{f"{name}_after": result.accuracy for name, result in suites_after.items()}},
         trained_on=list(dict.fromkeys(episode.id for episode in episodes if episode.origin != "replay")),
+        fingerprint=fingerprint,
     ))
     if decision == "promoted":
         runtime.adapters.promote(version, reason)
