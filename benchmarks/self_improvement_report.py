@@ -24,15 +24,16 @@ SUITES = (HELDOUT, f"{HELDOUT}:simple_python", f"{HELDOUT}:multiple", *UNTRAINED
 def _plot(run: SelfImprovementRun, out: Path) -> None:
     figure = Figure(figsize=(7, 3.6), dpi=100, layout="tight")
     axes = figure.add_subplot()
-    rounds = [r.round for r in run.rounds]
+    measured = [r for r in run.rounds if r.candidate]  # a skipped round evaluated nothing
+    rounds = [r.round for r in measured]
     for suite in SUITES:
-        values = [r.candidate.get(suite) for r in run.rounds]
+        values = [r.candidate.get(suite) for r in measured]
         if all(v is not None for v in values):
             line, = axes.plot(rounds, values, marker="o", label=suite)
-            kept = [(r.round, r.candidate[suite]) for r in run.rounds if r.decision not in ("base", "promoted")]
-            if kept:  # rejected candidates: hollow markers
-                axes.scatter(*zip(*kept), s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
-    axes.set_xticks(rounds)
+            rejected = [(r.round, r.candidate[suite]) for r in measured if r.decision == "rejected"]
+            if rejected:  # hollow markers
+                axes.scatter(*zip(*rejected), s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
+    axes.set_xticks([r.round for r in run.rounds])
     axes.set_xlabel("round")
     axes.set_ylabel("accuracy (round's candidate)")
     axes.set_ylim(0, 1)
@@ -48,8 +49,9 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
         f"{run.call_required_attempts} call-required attempt(s)" if run.call_required_attempts else "",
         f"no-call bias from {run.calibration_goals} questions" if run.calibration_goals else "",
     ]
+    baseline = any(r.decision == "baseline" for r in run.rounds)  # no tuning: replay and gate do not apply
     extra = "".join(f", {option}" for option in options if option) + (
-        "" if run.replay and run.gate else " (ablation)")
+        "" if run.replay and run.gate or baseline else " (ablation)")
     title = textwrap.wrap(f"{run.model}, {run.method}{extra}", 90, break_on_hyphens=False)
     axes.set_title("\n".join(title), fontsize=9)
     figure.savefig(out)

@@ -187,11 +187,11 @@ def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path
     split = Split(seed=0, train={"multiple": make_split(0).train["multiple"][:2]},
                   heldout={"multiple": make_split(0).heldout["multiple"][:1]})
     settings = load_settings(data_dir=tmp_path / "data", model_cache=model_cache,
-                             model={"name": "smollm2-135m-instruct"})
+                             model={"name": "smollm2-135m-instruct", "dtype": "float32"})
     run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, abstain_goals=0, split=split,
                                work_dir=tmp_path / "work")
     base, shot = run.rounds
-    assert (base.decision, shot.decision, run.method) == ("base", "baseline", "fewshot-1")
+    assert (base.decision, shot.decision, run.method, run.dtype) == ("base", "baseline", "fewshot-1", "float32")
     assert set(shot.candidate) == set(base.candidate) and shot.attempts == 2
 
 

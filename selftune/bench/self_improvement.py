@@ -46,7 +46,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, Field
 
 from selftune.agent.generation import generate
-from selftune.agent.models import load_causal_lm
+from selftune.agent.models import load_causal_lm, resolve_dtype
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.tool_calls import ToolCallError, parse_tool_calls
 from selftune.bfcl import BfclAnswer, BfclQuestion, load_category
@@ -314,7 +314,7 @@ def run_self_improvement(
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale,
-                             no_call_slack=tuning.no_call_slack, dtype=str(model.dtype).removeprefix("torch."))
+                             no_call_slack=tuning.no_call_slack, dtype=resolve_dtype(settings.model.dtype))
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
         start = time.perf_counter()
@@ -432,7 +432,8 @@ def run_fewshot_baseline(
     chat = _local_chat(settings)
     run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
                              attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
-                             abstain_goals=abstain_goals, near_miss_goals=near_miss_goals)
+                             abstain_goals=abstain_goals, near_miss_goals=near_miss_goals,
+                             dtype=resolve_dtype(settings.model.dtype))
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         start = time.perf_counter()
         base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
