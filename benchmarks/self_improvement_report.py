@@ -21,7 +21,8 @@ from selftune.bench.self_improvement import HELDOUT, UNTRAINED_SUITES, BenchRoun
 SUITES = (HELDOUT, f"{HELDOUT}:simple_python", f"{HELDOUT}:multiple", *UNTRAINED_SUITES)
 
 
-def _plot(run: SelfImprovementRun, out: Path) -> None:
+def plot(run: SelfImprovementRun) -> Figure:
+    """Accuracy of each round's model per suite; rejected candidates hollow, skipped rounds left out."""
     figure = Figure(figsize=(7, 3.6), dpi=100, layout="tight")
     axes = figure.add_subplot()
     measured = [r for r in run.rounds if r.candidate]  # a skipped round evaluated nothing
@@ -54,7 +55,7 @@ def _plot(run: SelfImprovementRun, out: Path) -> None:
         "" if run.replay and run.gate or baseline else " (ablation)")
     title = textwrap.wrap(f"{run.model}, {run.method}{extra}", 90, break_on_hyphens=False)
     axes.set_title("\n".join(title), fontsize=9)
-    figure.savefig(out)
+    return figure
 
 
 def table(run: SelfImprovementRun) -> str:
@@ -90,7 +91,7 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/self_improvement")
     runs = {path.stem: SelfImprovementRun.model_validate_json(path.read_text()) for path in sorted(folder.glob("*.json"))}
     for name, run in runs.items():
-        _plot(run, folder / f"{name}.png")
+        plot(run).savefig(folder / f"{name}.png")
         print(f"### {name}\n\n{table(run)}\n\n![{name}](self_improvement/{name}.png)\n")
     combined = {name: run.model_dump(mode="json") for name, run in runs.items()}
     (folder.parent / "self_improvement.json").write_text(json.dumps(combined, indent=1) + "\n")

@@ -217,3 +217,38 @@ def test_exemplars_are_the_closest_solved_episodes_as_question_and_call_turns(tm
         turns = exemplars(target)
     assert [t.type for t in turns] == ["human", "ai", "human", "ai"]
     assert [t.content for t in turns[1::2]] == ['{"tool": "far"}', '{"tool": "near"}']  # closest last; failed never
+
+
+def _report_script():
+    import importlib.util
+
+    from selftune.settings import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("self_improvement_report",
+                                                  PROJECT_ROOT / "benchmarks" / "self_improvement_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_plot_marks_rejected_rounds_only_and_keeps_lines_past_a_skipped_round() -> None:
+    from selftune.bench.self_improvement import BenchRound, SelfImprovementRun
+
+    report = _report_script()
+    scores = {suite: 0.5 for suite in report.SUITES}
+    run = SelfImprovementRun(model="m", method="lora", replay=True, gate=True, attempts=1, eval_limit=1, rounds=[
+        BenchRound(round=0, decision="base", candidate=scores),
+        BenchRound(round=1, decision="skipped", reason="no episode solved"),
+        BenchRound(round=2, decision="rejected", candidate=scores),
+        BenchRound(round=3, decision="promoted", candidate=scores)])
+    axes = report.plot(run).axes[0]
+    assert [list(line.get_xdata()) for line in axes.lines] == [[0, 2, 3]] * len(report.SUITES)
+    assert [list(c.get_offsets()[:, 0]) for c in axes.collections] == [[2]] * len(report.SUITES)
+    assert "(ablation)" not in axes.get_title()
+
+    baseline = run.model_copy(update={"method": "fewshot-2", "replay": False, "gate": False, "rounds": [
+        BenchRound(round=0, decision="base", candidate=scores),
+        BenchRound(round=1, decision="baseline", candidate=scores)]})
+    axes = report.plot(baseline).axes[0]
+    assert not axes.collections and "(ablation)" not in axes.get_title()
+    assert "(ablation)" in report.plot(run.model_copy(update={"gate": False})).axes[0].get_title()
