@@ -195,28 +195,42 @@ def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path
     assert set(shot.candidate) == set(base.candidate) and shot.attempts == 2
 
 
-def test_exemplars_are_the_closest_solved_episodes_as_question_and_call_turns(tmp_path: Path) -> None:
+def test_exemplars_are_the_closest_solved_episodes_shown_with_the_functions_they_were_offered(
+        tmp_path: Path) -> None:
     from selftune.bench.self_improvement import _exemplar_memory
     from selftune.bfcl import load_category
     from selftune.memory.records import ChatMessage, Episode, Reward, Step
     from selftune.memory.vector import VectorMemory
 
-    def solved(episode_id: str, question: str, call: str, value: float) -> Episode:
-        return Episode(id=episode_id, goal=question, status="done", origin="bfcl-train", steps=[
+    def attempt(question, reply: str, value: float) -> Episode:
+        episode_id = f"{question.id}-{value}"
+        return Episode(id=episode_id, goal=f"{question.id}: {question.messages[-1].content}", status="done",
+                       origin="bfcl-train", steps=[
             Step(index=0, kind="system", message=ChatMessage(role="system", content="functions")),
-            Step(index=1, kind="goal", message=ChatMessage(role="user", content=question)),
-            Step(index=2, kind="action", message=ChatMessage(role="assistant", content=call), trainable=True),
+            Step(index=1, kind="goal", message=ChatMessage(role="user", content=question.messages[-1].content)),
+            Step(index=2, kind="action", message=ChatMessage(role="assistant", content=reply), trainable=True),
         ], rewards=[Reward(episode_id=episode_id, source="verifier", value=value)])
 
-    target, _ = load_category("simple_python", limit=1, seed=0)[0]
+    (target, _), (other, _) = load_category("simple_python", limit=2, seed=0)
+    request = target.messages[0].model_copy(update={"content": target.messages[-1].content + " Please."})
+    near = target.model_copy(update={"id": "near", "messages": [request]})
+    refused = near.model_copy(update={"id": "near~none", "functions": other.functions})  # same request, unfit functions
+    goals = {question.id: question for question in (near, refused, other)}
     with EpisodeStore(tmp_path / "episodes.sqlite3") as store:
-        store.create_episode(solved("near", target.messages[-1].content + " Please.", '{"tool": "near"}', 1.0))
-        store.create_episode(solved("far", "Book a flight from Paris to Rome.", '{"tool": "far"}', 1.0))
-        store.create_episode(solved("failed", target.messages[-1].content, '{"tool": "wrong"}', 0.0))
-        exemplars = _exemplar_memory(store, VectorMemory(tmp_path / "chroma", "exemplars"), k=2)
+        store.create_episode(attempt(near, '{"tool": "near"}', 1.0))
+        store.create_episode(attempt(refused, '{"tool": "none"}', 1.0))
+        store.create_episode(attempt(other, '{"tool": "other"}', 1.0))
+        store.create_episode(attempt(near, '{"tool": "wrong"}', 0.0))
+        exemplars = _exemplar_memory(store, VectorMemory(tmp_path / "chroma", "exemplars"), k=2, goals=goals)
         turns = exemplars(target)
     assert [t.type for t in turns] == ["human", "ai", "human", "ai"]
-    assert [t.content for t in turns[1::2]] == ['{"tool": "far"}', '{"tool": "near"}']  # closest last; failed never
+    # Both solved attempts of the same request are kept: the one offered the target's functions is closest.
+    assert [t.content for t in turns[1::2]] == ['{"tool": "none"}', '{"tool": "near"}']
+    offered = [{tool["function"]["name"] for tool in q.tools()} for q in (refused, near)]
+    for turn, names in zip(turns[0::2], offered):
+        assert turn.content.endswith("Request: " + request.content)
+        assert all(f"- {name}: " in turn.content for name in names)
+    assert offered[0].isdisjoint(offered[1])
 
 
 def _report_script():

@@ -26,8 +26,9 @@ each later round then
 
 ``replay=False`` and ``gate=False`` give the ablation (nothing replayed; every candidate
 promoted). :func:`run_fewshot_baseline` is the cheap baseline every adapter must beat: no weight
-change, one collection round, then the best matching solved train episodes (by embedding
-similarity of the question, from a Chroma memory) as few-shot turns in the prompt. Each phase is
+change, one collection round, then the best matching solved episodes (by embedding similarity of
+the request and the offered functions' names, from a Chroma memory) as few-shot turns in the
+prompt, each showing the functions it was offered. Each phase is
 timed.
 """
 
@@ -37,7 +38,7 @@ import contextlib
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -397,20 +398,42 @@ def run_self_improvement(
     return run
 
 
-def _exemplar_memory(store: EpisodeStore, memory: VectorMemory, k: int) -> Any:
-    """Index the solved train episodes by question; return a BFCL ``exemplars`` function over them."""
+def _question_id(episode: Episode) -> str:
+    """The BFCL question id an attempt's episode was collected for (its goal, see :func:`_record_attempt`)."""
+    return episode.goal.split(": ", 1)[0]
+
+
+def _exemplar_text(question: BfclQuestion) -> str:
+    """What an exemplar is indexed and looked up by: the request and the names of the functions offered."""
+    names = ", ".join(tool["function"]["name"] for tool in question.tools())
+    return f"{question.messages[-1].content}\nFunctions: {names}"
+
+
+def _offered(question: BfclQuestion) -> str:
+    """An exemplar's request with the functions it was offered, so a call or a refusal reads as right."""
+    functions = "\n".join(f"- {tool['function']['name']}: {tool['function'].get('description', '')}"
+                          for tool in question.tools())
+    return f"Functions offered:\n{functions}\nRequest: {question.messages[-1].content}"
+
+
+def _exemplar_memory(store: EpisodeStore, memory: VectorMemory, k: int,
+                     goals: Mapping[str, BfclQuestion]) -> Callable[[BfclQuestion], list[BaseMessage]]:
+    """Index the solved collection episodes, one per request and offered functions (``goals``: the
+    collected questions by id); return a BFCL ``exemplars`` function: the ``k`` closest as turns that
+    show the functions each was offered, so a refusal comes with the functions that did not fit."""
     seen: set[str] = set()
     for episode in store.scored(min_score=1.0):
-        question = episode.steps[1].message.content
-        if question not in seen:
-            seen.add(question)
-            memory.add([question], kind="exemplar", episode_id=episode.id)
+        text = _exemplar_text(goals[_question_id(episode)])
+        if text not in seen:
+            seen.add(text)
+            memory.add([text], kind="exemplar", episode_id=episode.id)
 
-    def exemplars(question: Any) -> list[BaseMessage]:
+    def exemplars(question: BfclQuestion) -> list[BaseMessage]:
         turns: list[BaseMessage] = []
-        for hit in reversed(memory.search(question.messages[-1].content, k=k)):  # the closest one last
-            steps = store.get(hit.episode_id).steps
-            turns += [HumanMessage(content=steps[1].message.content), AIMessage(content=steps[2].message.content)]
+        for hit in reversed(memory.search(_exemplar_text(question), k=k)):  # the closest one last
+            episode = store.get(hit.episode_id)
+            turns += [HumanMessage(content=_offered(goals[_question_id(episode)])),
+                      AIMessage(content=episode.steps[2].message.content)]
         return turns
 
     return exemplars
@@ -444,7 +467,8 @@ def run_fewshot_baseline(
         abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
         total, solved, _ = _collect(store, chat, split, attempts, temperature, abstain)
         memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
-        exemplars = _exemplar_memory(store, memory, shots)
+        goals = {question.id: question for question, _ in _train_questions(split) + abstain}
+        exemplars = _exemplar_memory(store, memory, shots, goals)
         seconds.collect = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         shot = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed, exemplars).items()}
