@@ -188,11 +188,12 @@ def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path
                   heldout={"multiple": make_split(0).heldout["multiple"][:1]})
     settings = load_settings(data_dir=tmp_path / "data", model_cache=model_cache,
                              model={"name": "smollm2-135m-instruct", "dtype": "float32"})
-    run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, abstain_goals=0, split=split,
+    # An abstention goal too: its episodes are looked up under its own id and offered functions.
+    run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, abstain_goals=1, split=split,
                                work_dir=tmp_path / "work")
     base, shot = run.rounds
     assert (base.decision, shot.decision, run.method, run.dtype) == ("base", "baseline", "fewshot-1", "float32")
-    assert set(shot.candidate) == set(base.candidate) and shot.attempts == 2
+    assert set(shot.candidate) == set(base.candidate) and shot.attempts == 3
 
 
 def test_exemplars_are_the_closest_solved_episodes_shown_with_the_functions_they_were_offered(
