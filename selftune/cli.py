@@ -622,7 +622,7 @@ def bench_self_improvement(
     if fewshot is not None:
         run = run_fewshot_baseline(settings, attempts=attempts, eval_limit=eval_limit, shots=fewshot,
                                    abstain_goals=abstain_goals, near_miss_goals=near_miss_goals, split=split,
-                                   work_dir=work_dir)
+                                   work_dir=work_dir, on_round=progress)
     else:
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,

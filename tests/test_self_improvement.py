@@ -189,8 +189,10 @@ def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path
     settings = load_settings(data_dir=tmp_path / "data", model_cache=model_cache,
                              model={"name": "smollm2-135m-instruct", "dtype": "float32"})
     # An abstention goal too: its episodes are looked up under its own id and offered functions.
+    seen = []
     run = run_fewshot_baseline(settings, attempts=1, eval_limit=1, shots=1, abstain_goals=1, split=split,
-                               work_dir=tmp_path / "work")
+                               work_dir=tmp_path / "work", on_round=lambda r: seen.append(len(r.rounds)))
+    assert seen == [1, 2]  # the base evaluation is reported (and saved by the CLI) before collection starts
     base, shot = run.rounds
     assert (base.decision, shot.decision, run.method, run.dtype) == ("base", "baseline", "fewshot-1", "float32")
     assert set(shot.candidate) == set(base.candidate) and shot.attempts == 3

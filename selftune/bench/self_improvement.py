@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from selftune.agent.generation import generate
 from selftune.agent.models import load_causal_lm, resolve_dtype
@@ -241,15 +242,19 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
     """Attempt every train and abstention goal; (attempts, solved, solved with the call required)."""
     train = _train_questions(split)
     total = solved = required_solved = 0
-    for question, answer in train + abstain:
-        for attempt in range(attempts):
-            solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
-            total += 1
-    for question, answer in train:
-        for attempt in range(call_required_attempts):
-            required_solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature,
-                                               allow_no_call=False)
-            total += 1
+    planned = len(train + abstain) * attempts + len(train) * call_required_attempts
+    with tqdm(total=planned, desc="collecting", unit="attempt", leave=False) as bar:
+        for question, answer in train + abstain:
+            for attempt in range(attempts):
+                solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
+                total += 1
+                bar.update()
+        for question, answer in train:
+            for attempt in range(call_required_attempts):
+                required_solved += _record_attempt(store, chat, question, answer,
+                                                   0.0 if attempt == 0 else temperature, allow_no_call=False)
+                total += 1
+                bar.update()
     return total, solved + required_solved, required_solved
 
 
@@ -449,8 +454,10 @@ def run_fewshot_baseline(
     near_miss_goals: int = 0,
     split: Split | None = None,
     work_dir: Path | None = None,
+    on_round: Any = None,
 ) -> SelfImprovementRun:
-    """Base evaluation, one collection round, then evaluation with ``shots`` retrieved exemplars."""
+    """Base evaluation, one collection round, then evaluation with ``shots`` retrieved exemplars;
+    ``on_round(run)`` after each of the two."""
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
     chat = _local_chat(settings)
     run = SelfImprovementRun(model=settings.model.name, method=f"fewshot-{shots}", replay=False, gate=False,
@@ -462,6 +469,8 @@ def run_fewshot_baseline(
         base = {k: v.accuracy for k, v in _evaluate(chat, split, eval_limit, settings.tuning.seed).items()}
         run.rounds.append(BenchRound(round=0, decision="base", candidate=base, active=base,
                                      seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+        if on_round:
+            on_round(run)
         seconds = PhaseSeconds()
         start = time.perf_counter()
         abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
@@ -476,4 +485,6 @@ def run_fewshot_baseline(
         run.rounds.append(BenchRound(round=1, decision="baseline", reason=f"{shots} retrieved exemplars",
                                      candidate=shot, active=shot, attempts=total, solved_attempts=solved,
                                      seconds=seconds))
+        if on_round:
+            on_round(run)
     return run

@@ -20,6 +20,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel
+from tqdm.auto import tqdm
 
 from selftune.agent.constrained import NO_CALL_TOOL
 from selftune.agent.generation import generate
@@ -163,7 +164,7 @@ def evaluate_category(
         questions = [(question, answer) for question, answer in questions if question.id in wanted]
         if len(questions) != len(wanted):
             raise ValueError(f"{len(wanted) - len(questions)} of the given ids are not in {category}")
-    for question, answer in questions:
+    for question, answer in tqdm(questions, desc=category, unit="question", leave=False):
         if done and question.id in done:  # asked before: only scored again, by the current rules
             earlier = done[question.id]
             parsed, calls, result = score_reply(question, answer, earlier.raw)
