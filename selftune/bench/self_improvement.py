@@ -241,21 +241,15 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
              abstain: list[tuple[BfclQuestion, None]], call_required_attempts: int = 0) -> tuple[int, int, int]:
     """Attempt every train and abstention goal; (attempts, solved, solved with the call required)."""
     train = _train_questions(split)
-    total = solved = required_solved = 0
-    planned = len(train + abstain) * attempts + len(train) * call_required_attempts
-    with tqdm(total=planned, desc="collecting", unit="attempt", leave=False) as bar:
-        for question, answer in train + abstain:
-            for attempt in range(attempts):
-                solved += _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature)
-                total += 1
-                bar.update()
-        for question, answer in train:
-            for attempt in range(call_required_attempts):
-                required_solved += _record_attempt(store, chat, question, answer,
-                                                   0.0 if attempt == 0 else temperature, allow_no_call=False)
-                total += 1
-                bar.update()
-    return total, solved + required_solved, required_solved
+    planned = [(question, answer, attempt, True) for question, answer in train + abstain for attempt in range(attempts)]
+    planned += [(question, answer, attempt, False) for question, answer in train
+                for attempt in range(call_required_attempts)]
+    solved = required_solved = 0
+    for question, answer, attempt, allow_no_call in tqdm(planned, desc="collecting", unit="attempt", leave=False):
+        valid = _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature, allow_no_call)
+        solved += valid
+        required_solved += valid and not allow_no_call
+    return len(planned), solved, required_solved
 
 
 def _evaluate(chat: LocalChatModel, split: Split, eval_limit: int, seed: int,
