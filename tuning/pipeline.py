@@ -14,7 +14,7 @@ rejected candidate is kept on disk but never becomes active. The candidate is re
 after its evaluation, so a crash or interrupt anywhere before that leaves the registry unchanged.
 With ``tuning.no_call_calibration`` the candidate is first given its no-call bias
 (tuning/calibration.py): it must refuse at least as many calibration questions that want no call as
-the active model and the base model do, and it is evaluated with that bias.
+the active model and the base model do (less ``tuning.no_call_slack``), and it is evaluated with that bias.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def _target_tokens(labels: torch.Tensor) -> int:
 def _kl_to_base(model: PeftModel, inputs: dict[str, torch.Tensor], logits: torch.Tensor,
                 rows: torch.Tensor) -> torch.Tensor:
     """Summed KL(base || candidate) of the next-token distributions at the target positions of ``rows``;
-    the base distribution comes from the same forward pass with the adapter switched off."""
+    the base distribution comes from a second, gradient-free pass over the same inputs with the adapter switched off."""
     with torch.no_grad(), model.disable_adapter():
         base = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     logits = logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
