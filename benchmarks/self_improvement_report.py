@@ -49,6 +49,9 @@ def plot(run: SelfImprovementRun) -> Figure:
         "continued" if run.continue_from_active else "",
         f"{run.call_required_attempts} call-required attempt(s)" if run.call_required_attempts else "",
         f"no-call bias from {run.calibration_goals} questions" if run.calibration_goals else "",
+        f"no-call slack {run.no_call_slack:g}" if run.no_call_slack else "",
+        f"update x{run.lora_scale:g}" if run.lora_scale != 1 else "",
+        run.dtype if run.dtype != "bfloat16" else "",
     ]
     baseline = any(r.decision == "baseline" for r in run.rounds)  # no tuning: replay and gate do not apply
     extra = "".join(f", {option}" for option in options if option) + (

@@ -162,7 +162,8 @@ class TuningSettings(StrictModel):
     lora_scale: float = Field(
         1.0, gt=0.0, le=1.0, description="Multiplies a trained LoRA update before it is saved: the weights move this "
                                          "share of the way from the base model to the tuned ones (less drift and "
-                                         "readiness to call, for some held-out skill; LoRA only).")
+                                         "readiness to call, for some held-out skill; LoRA only). With "
+                                         "continue_from_active it scales the whole continued adapter.")
     prompt_virtual_tokens: int = Field(20, ge=1)
     prompt_init_text: str = "You are a careful agent. Reply with exactly one JSON tool call."
     heldout_file: Path = Field(PROJECT_ROOT / "configs" / "heldout.yaml", description="Held-out goals with verifiers for the gate.")

@@ -269,3 +269,18 @@ def test_report_plot_marks_rejected_rounds_only_and_keeps_lines_past_a_skipped_r
     axes = report.plot(baseline).axes[0]
     assert not axes.collections and "(ablation)" not in axes.get_title()
     assert "(ablation)" in report.plot(run.model_copy(update={"gate": False})).axes[0].get_title()
+
+
+def test_report_plot_title_names_the_recipe_options_that_differ_from_the_defaults() -> None:
+    from selftune.bench.self_improvement import BenchRound, SelfImprovementRun
+
+    report = _report_script()
+    run = SelfImprovementRun(model="m", method="lora", replay=True, gate=True, attempts=1, eval_limit=1, rounds=[
+        BenchRound(round=0, decision="base", candidate={suite: 0.5 for suite in report.SUITES})])
+    options = ("continued", "update x0.8", "no-call slack 0.02", "float32")
+    default_title = report.plot(run).axes[0].get_title()
+    assert not any(option in default_title for option in options)
+    recipe = run.model_copy(update={"continue_from_active": True, "lora_scale": 0.8, "no_call_slack": 0.02,
+                                    "dtype": "float32"})
+    title = report.plot(recipe).axes[0].get_title().replace("\n", " ")
+    assert all(option in title for option in options)
