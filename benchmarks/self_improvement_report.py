@@ -65,14 +65,24 @@ def table(run: SelfImprovementRun) -> str:
     head = ["round", "decision", *SUITES, "ref CE", "collect s", "train s", "eval s", "solved/attempts",
             "selected (no-call + copies)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    first = next((r for r in run.rounds if r.attempts), None)
     for r in run.rounds:
-        cells = [str(r.round), r.decision + (f" (bias {r.calibration.bias:+.2f})" if r.calibration else "")]
+        notes = [f"bias {r.calibration.bias:+.2f}" if r.calibration else "", _step(r, first)]
+        noted = "; ".join(note for note in notes if note)
+        cells = [str(r.round), r.decision + (f" ({noted})" if noted else "")]
         cells += [f"{r.candidate[s]:.2f}" if s in r.candidate else "–" for s in SUITES]
         cells += [f"{r.reference_ce:.3f}" if r.reference_ce is not None else "–",
                   f"{r.seconds.collect:.0f}", f"{r.seconds.train:.0f}", f"{r.seconds.evaluate:.0f}",
                   _solved(r), _selected(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _step(r: BenchRound, first: BenchRound | None) -> str:
+    """A round's steps and learning rate where they differ from the run's first trained round (``--resume``)."""
+    if r.max_steps is None or first is None or (r.max_steps, r.learning_rate) == (first.max_steps, first.learning_rate):
+        return ""
+    return f"{r.max_steps} steps at {r.learning_rate:.0e}".replace("e-0", "e-")
 
 
 def _solved(r: BenchRound) -> str:

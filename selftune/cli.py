@@ -580,11 +580,16 @@ def bench_self_improvement(
                                                    "solved episodes as few-shot turns, no weight change.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the run as JSON (after every round).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option(help="Keep episodes and adapters here (default: a temp dir).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Go on with the run recorded in --out, whose work is in "
+                                         "--work-dir (same options; the learning rate and steps may change).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Self-tuning on BFCL goals with the checker as reward: per-round accuracy on held-out and untrained suites."""
+    from pydantic import ValidationError
+
     from selftune.bench.self_improvement import (
         SPLIT_FILE,
+        SelfImprovementRun,
         Split,
         run_fewshot_baseline,
         run_self_improvement,
@@ -608,6 +613,20 @@ def bench_self_improvement(
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--train-per-category") from None
 
+    recorded = None
+    if resume:
+        if fewshot is not None:
+            raise typer.BadParameter("the few-shot baseline has a single round; run it again", param_hint="--resume")
+        if out is None or not out.is_file():
+            raise typer.BadParameter("--resume needs the recorded run in --out", param_hint="--resume")
+        try:
+            recorded = SelfImprovementRun.model_validate_json(out.read_text())
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise typer.BadParameter(f"{out.name} is not a recorded run: {first['msg']}" + (f" ({where})" if where else ""),
+                                     param_hint="--resume") from None
+
     def save(run) -> None:
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -627,7 +646,8 @@ def bench_self_improvement(
         run = run_self_improvement(settings, rounds=rounds, attempts=attempts, eval_limit=eval_limit,
                                    replay=not no_replay, use_gate=not no_gate, abstain_goals=abstain_goals,
                                    near_miss_goals=near_miss_goals, call_required_attempts=call_required_attempts,
-                                   calibration_count=calibration_goals, split=split, work_dir=work_dir, on_round=progress)
+                                   calibration_count=calibration_goals, split=split, work_dir=work_dir,
+                                   resume=recorded, on_round=progress)
     save(run)
     _print_bench(run.model_dump(mode="json"), as_json)
 

@@ -16,6 +16,8 @@ from selftune.bench.self_improvement import (
     SPLIT_FILE,
     TRAIN_CATEGORIES,
     UNTRAINED_SUITES,
+    BenchRound,
+    SelfImprovementRun,
     Split,
     abstention_goals,
     calibration_goals,
@@ -162,6 +164,60 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
     assert decoding.no_call_bias == first.calibration.bias
 
 
+def _tiny_settings(tmp_path: Path, model_cache: Path, **tuning: object):
+    return load_settings(data_dir=tmp_path / "data", model_cache=model_cache, model={"name": "smollm2-135m-instruct"},
+                         tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0,
+                                 "lora_target_modules": ["q_proj", "v_proj"], **tuning})
+
+
+def test_a_resumed_run_keeps_its_rounds_and_goes_on_from_the_active_adapter(model_cache: Path, tmp_path: Path) -> None:
+    split = Split(seed=0, train={"simple_python": make_split(0).train["simple_python"][:2]},
+                  heldout={"simple_python": make_split(0).heldout["simple_python"][:1]})
+    options = dict(attempts=1, eval_limit=1, abstain_goals=1, split=split, work_dir=tmp_path / "work")
+    first = run_self_improvement(_tiny_settings(tmp_path, model_cache), rounds=1, use_gate=False, **options)
+    assert [r.decision for r in first.rounds] == ["base", "promoted"] and first.rounds[1].max_steps == 1
+
+    recorded = SelfImprovementRun.model_validate_json(first.model_dump_json())
+    seen = []
+    resumed = run_self_improvement(_tiny_settings(tmp_path, model_cache, max_steps=2, learning_rate=1e-4), rounds=2,
+                                   use_gate=False, resume=recorded, on_round=lambda r: seen.append(len(r.rounds)),
+                                   **options)
+    assert seen == [3]  # no second base evaluation: only the new round is reported
+    assert resumed.rounds[:2] == first.rounds and [r.round for r in resumed.rounds] == [0, 1, 2]
+    second = resumed.rounds[2]
+    assert (second.decision, second.max_steps, second.learning_rate) == ("promoted", 2, 1e-4)
+    assert second.attempts == 3  # collected again by the promoted adapter: 2 goals + 1 abstention goal
+    registry = json.loads((tmp_path / "work" / "adapters" / "registry.json").read_text())
+    assert sorted(registry["versions"]) == ["v0001", "v0002"] and registry["active"] == "v0002"
+    with EpisodeStore(tmp_path / "work" / "episodes.sqlite3") as store:
+        episodes = store.scored(min_score=0.0)
+    assert {e.adapter_version for e in episodes} == {None, "v0001"}  # round 2 collected with v0001 active
+
+
+def test_resuming_refuses_other_options_or_a_work_dir_that_does_not_match(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    settings = load_settings(data_dir=tmp_path / "data", model={"name": "smollm2-135m-instruct", "dtype": "float32"})
+    recorded = SelfImprovementRun(model="smollm2-135m-instruct", method="lora", replay=True, gate=True, attempts=1,
+                                  eval_limit=1, train_questions=2, dtype="float32",
+                                  max_abstention_share=settings.tuning.max_abstention_share,
+                                  rounds=[BenchRound(round=0, decision="base"),
+                                          BenchRound(round=1, decision="promoted")])
+    split = Split(seed=0, train={"simple_python": make_split(0).train["simple_python"][:2]},
+                  heldout={"simple_python": make_split(0).heldout["simple_python"][:1]})
+
+    def resume(**options: object) -> None:
+        run_self_improvement(settings, **{"attempts": 1, "eval_limit": 1, "abstain_goals": 0, "split": split,
+                                          "work_dir": work, "resume": recorded, **options})
+
+    with pytest.raises(ValueError, match="work dir"):
+        resume()  # nothing collected there
+    EpisodeStore(work / "episodes.sqlite3").close()
+    with pytest.raises(ValueError, match=r"differs in attempts \(1, now 2\), eval_limit \(1, now 3\)$"):
+        resume(attempts=2, eval_limit=3)
+    with pytest.raises(ValueError, match=r"adapters \(none\) do not match the recorded rounds' decisions \(promoted\)"):
+        resume()
+
+
 def test_calibration_goals_lie_outside_the_split_and_every_evaluated_sample() -> None:
     split = widen_train(make_split(0), 100)
     abstain, call = calibration_goals(split, 6, eval_limit=240, seed=0)
@@ -181,6 +237,21 @@ def test_bench_self_improvement_rejects_an_unknown_method() -> None:
 
     result = CliRunner().invoke(app, ["bench", "self-improvement", "--method", "ia3"])
     assert result.exit_code == 2 and "unknown tuning method 'ia3'" in result.output
+
+
+def test_bench_self_improvement_resume_needs_a_recorded_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from selftune.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["bench", "self-improvement", "--resume", "--out", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2 and "needs the recorded run in --out" in missing.output
+    other = tmp_path / "bfcl.json"
+    other.write_text('{"model": "m", "limit": 1, "seed": 0, "constrained": true, "results": []}')
+    wrong = runner.invoke(app, ["bench", "self-improvement", "--resume", "--out", str(other)])
+    assert wrong.exit_code == 2 and "not a recorded run" in wrong.output
+    assert json.loads(other.read_text())["model"] == "m"  # left as it was
 
 
 def test_fewshot_baseline_evaluates_every_suite_with_exemplars(model_cache: Path, tmp_path: Path) -> None:

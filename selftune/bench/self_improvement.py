@@ -147,6 +147,8 @@ class BenchRound(BaseModel):
     oversampled: int = 0  # extra copies of no-call answers (tuning.min_abstention_share)
     call_required_solved: int = 0  # of solved_attempts, those made with the no-call answer withheld
     replayed: int = 0
+    learning_rate: float | None = None  # the step this round trained with (None: base round, or not recorded)
+    max_steps: int | None = None
     calibration: NoCallCalibration | None = None  # the candidate's no-call bias (--calibration-goals)
     seconds: PhaseSeconds = Field(default_factory=PhaseSeconds)
 
@@ -296,16 +298,17 @@ def run_self_improvement(
     calibration_count: int = 0,
     split: Split | None = None,
     work_dir: Path | None = None,
+    resume: SelfImprovementRun | None = None,
     on_round: Any = None,
 ) -> SelfImprovementRun:
-    """Run the benchmark on ``settings.model`` with ``settings.tuning`` (method, LoRA/prompt options)."""
+    """Run the benchmark on ``settings.model`` with ``settings.tuning`` (method, LoRA/prompt options).
+
+    ``resume``: a run recorded with the same options whose episodes and adapters are in ``work_dir``;
+    its rounds are kept and the run goes on to round ``rounds``. The learning rate and step count may
+    differ from the recorded rounds' (each round records its own). A round that was cut short is run
+    again; the attempts it had stored stay in the episode store."""
     split = split or Split.model_validate_json(SPLIT_FILE.read_text())
     tuning = settings.tuning
-    chat = _local_chat(settings)
-    model, tokenizer = chat.model, chat.tokenizer
-    reference = tuning.reference_file.read_text()
-    abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
-    general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     run = SelfImprovementRun(model=settings.model.name, method=tuning.method, replay=replay, gate=use_gate,
                              attempts=attempts, eval_limit=eval_limit, train_questions=_count(split.train),
                              abstain_goals=abstain_goals, near_miss_goals=near_miss_goals,
@@ -315,23 +318,37 @@ def run_self_improvement(
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale,
                              no_call_slack=tuning.no_call_slack, dtype=resolve_dtype(settings.model.dtype))
+    if resume is not None:
+        run = _resumable(run, resume, work_dir)
+    chat = _local_chat(settings)
+    model, tokenizer = chat.model, chat.tokenizer
+    reference = tuning.reference_file.read_text()
+    abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
+    general = load_replay_file(tuning.replay_file) if replay and tuning.replay_file else []
     with _work_dir(work_dir) as root, EpisodeStore(root / "episodes.sqlite3") as store:
         registry = AdapterRegistry(root / "adapters")
-        start = time.perf_counter()
-        active = base = _evaluate(chat, split, eval_limit, tuning.seed)
-        base_ce = chat.cross_entropy(reference)  # the gate bounds drift from the base, not from the active model
         calibration_set = (calibration_goals(split, calibration_count, eval_limit, tuning.seed)
                            if calibration_count else ([], []))
-        if calibration_count:
-            run.base_refused = refusal_share([no_call_margin(chat, q) for q in calibration_set[0]], 0.0)
-        active_refused = run.base_refused
-        run.rounds.append(BenchRound(
-            round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
-            active={k: v.accuracy for k, v in active.items()}, reference_ce=base_ce,
-            seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
-        if on_round:
-            on_round(run)
-        for number in range(1, rounds + 1):
+        if run.rounds:
+            chat.use_adapter(registry.active_path(), registry.active_version())
+            base, active = (_recorded_suites(r.active, split, eval_limit) for r in (run.rounds[0], run.rounds[-1]))
+            base_ce = run.rounds[0].reference_ce
+            active_refused = next((r.calibration.refused for r in reversed(run.rounds)
+                                   if r.decision == "promoted" and r.calibration), run.base_refused)
+        else:
+            start = time.perf_counter()
+            active = base = _evaluate(chat, split, eval_limit, tuning.seed)
+            base_ce = chat.cross_entropy(reference)  # the gate bounds drift from the base, not from the active model
+            if calibration_count:
+                run.base_refused = refusal_share([no_call_margin(chat, q) for q in calibration_set[0]], 0.0)
+            active_refused = run.base_refused
+            run.rounds.append(BenchRound(
+                round=0, decision="base", candidate={k: v.accuracy for k, v in active.items()},
+                active={k: v.accuracy for k, v in active.items()}, reference_ce=base_ce,
+                seconds=PhaseSeconds(evaluate=round(time.perf_counter() - start, 1))))
+            if on_round:
+                on_round(run)
+        for number in range(len(run.rounds), rounds + 1):
             seconds = PhaseSeconds()
             start = time.perf_counter()
             total, solved, required_solved = _collect(store, chat, split, attempts, temperature, abstain,
@@ -348,7 +365,8 @@ def run_self_improvement(
             result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
                                 call_required_solved=required_solved,
                                 selected=len(selection.selected), abstentions=selection.abstentions,
-                                oversampled=len(selection.oversampled), replayed=mix.earlier + mix.general)
+                                oversampled=len(selection.oversampled), replayed=mix.earlier + mix.general,
+                                learning_rate=tuning.learning_rate, max_steps=tuning.max_steps)
             if not examples:
                 result.reason = "no episode solved"
                 result.active = {k: v.accuracy for k, v in active.items()}
@@ -395,6 +413,35 @@ def run_self_improvement(
             if on_round:
                 on_round(run)
     return run
+
+
+def _resumable(run: SelfImprovementRun, recorded: SelfImprovementRun, work_dir: Path | None) -> SelfImprovementRun:
+    """``recorded``, checked to have been run with ``run``'s options and to have its work in ``work_dir``:
+    the episodes, and one registered adapter per trained round with that round's decision."""
+    if work_dir is None or not (Path(work_dir) / "episodes.sqlite3").is_file():
+        raise ValueError("resuming needs the recorded run's work dir (its episodes and adapters)")
+    if not recorded.rounds or recorded.rounds[0].decision != "base":
+        raise ValueError("the recorded run has no base evaluation to resume from")
+    options = set(SelfImprovementRun.model_fields) - {"rounds", "base_refused"}
+    differing = sorted(name for name in options if getattr(run, name) != getattr(recorded, name))
+    if differing:
+        raise ValueError("the recorded run differs in " + ", ".join(
+            f"{name} ({getattr(recorded, name)!r}, now {getattr(run, name)!r})" for name in differing))
+    registered = [entry.status for entry in AdapterRegistry(Path(work_dir) / "adapters").list()]
+    decided = [r.decision for r in recorded.rounds if r.decision in ("promoted", "rejected")]
+    if registered != decided:
+        raise ValueError(f"the work dir's adapters ({', '.join(registered) or 'none'}) do not match the "
+                         f"recorded rounds' decisions ({', '.join(decided) or 'none'})")
+    return recorded.model_copy(deep=True)
+
+
+def _recorded_suites(accuracies: Mapping[str, float], split: Split, eval_limit: int) -> dict[str, SuiteResult]:
+    """Suite results as a recorded round holds them (accuracies), with the sizes :func:`_evaluate` used."""
+    sizes = {f"{HELDOUT}:{category}": len(ids) for category, ids in split.heldout.items()}
+    sizes[HELDOUT] = sum(sizes.values())
+    sizes.update({category: len(load_category(category, limit=eval_limit)) for category in UNTRAINED_SUITES})
+    return {name: SuiteResult(name=name, accuracy=accuracy, n=sizes[name], passed=round(accuracy * sizes[name]))
+            for name, accuracy in accuracies.items()}
 
 
 def _question_id(episode: Episode) -> str:
