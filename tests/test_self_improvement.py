@@ -111,13 +111,16 @@ def test_near_miss_goals_offer_closer_reading_functions_that_still_do_not_fit() 
     assert closeness(near) > closeness(far) + 0.1
 
 
+def _tiny_settings(tmp_path: Path, model_cache: Path, **tuning: object):
+    return load_settings(data_dir=tmp_path / "data", model_cache=model_cache, model={"name": "smollm2-135m-instruct"},
+                         tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0,
+                                 "lora_target_modules": ["q_proj", "v_proj"], **tuning})
+
+
 def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, tmp_path: Path) -> None:
     split = Split(seed=0, train={"simple_python": make_split(0).train["simple_python"][:2]},
                   heldout={"simple_python": make_split(0).heldout["simple_python"][:1]})
-    settings = load_settings(
-        data_dir=tmp_path / "data", model_cache=model_cache, model={"name": "smollm2-135m-instruct"},
-        tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0, "lora_target_modules": ["q_proj", "v_proj"],
-                "kl_weight": 1.0, "no_call_slack": 0.25})
+    settings = _tiny_settings(tmp_path, model_cache, kl_weight=1.0, no_call_slack=0.25)
     seen = []
     run = run_self_improvement(settings, rounds=1, attempts=2, eval_limit=1, abstain_goals=1, near_miss_goals=1,
                                call_required_attempts=1, calibration_count=2, split=split,
@@ -162,12 +165,6 @@ def test_one_tiny_round_collects_trains_evaluates_and_gates(model_cache: Path, t
     decoding = AdapterDecoding.model_validate_json(
         (tmp_path / "work" / "adapters" / "v0001" / DECODING_FILE).read_text())
     assert decoding.no_call_bias == first.calibration.bias
-
-
-def _tiny_settings(tmp_path: Path, model_cache: Path, **tuning: object):
-    return load_settings(data_dir=tmp_path / "data", model_cache=model_cache, model={"name": "smollm2-135m-instruct"},
-                         tuning={"max_steps": 1, "batch_size": 2, "min_score": 0.0,
-                                 "lora_target_modules": ["q_proj", "v_proj"], **tuning})
 
 
 def test_a_resumed_run_keeps_its_rounds_and_goes_on_from_the_active_adapter(model_cache: Path, tmp_path: Path) -> None:
@@ -355,3 +352,14 @@ def test_report_plot_title_names_the_recipe_options_that_differ_from_the_default
                                     "dtype": "float32"})
     title = report.plot(recipe).axes[0].get_title().replace("\n", " ")
     assert all(option in title for option in options)
+
+
+def test_report_table_notes_a_round_trained_with_another_step_than_the_first() -> None:
+    report = _report_script()
+    trained = BenchRound(round=1, decision="promoted", attempts=4, learning_rate=1e-4, max_steps=80,
+                         candidate={suite: 0.5 for suite in report.SUITES})
+    run = SelfImprovementRun(model="m", method="lora", replay=True, gate=True, attempts=1, eval_limit=1, rounds=[
+        BenchRound(round=0, decision="base", candidate={suite: 0.5 for suite in report.SUITES}), trained,
+        trained.model_copy(update={"round": 2}), trained.model_copy(update={"round": 3, "max_steps": 40})])
+    rows = report.table(run).splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["base", "promoted", "promoted", "promoted (40 steps at 1e-4)"]
