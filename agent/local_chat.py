@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from selftune.agent.constrained import ToolCallLogitsProcessor, grammar_cache, openai_functions
 from selftune.agent.prefix_cache import PrefixCache
-from selftune.agent.speculative import greedy_decode
+from selftune.agent.speculative import drafted_decode
 from selftune.agent.virtual_prefix import VirtualPrefix
 
 __all__ = ["DECODING_FILE", "AdapterDecoding", "LocalChatModel"]
@@ -92,8 +92,8 @@ class LocalChatModel(BaseChatModel):
     temperature: float = Field(0.0, ge=0.0)
     threads: int | None = Field(None, ge=1)
     prefix_cache_entries: int = Field(4, ge=0)  # 0 turns prefix KV-cache reuse off
-    # Greedy tool calls: draft grammar-forced tokens / up to this many prompt-lookup tokens
-    # and verify them in one forward pass (same output, fewer passes; see agent/speculative.py).
+    # Tool calls: draft grammar-forced tokens / up to this many prompt-lookup tokens
+    # and verify them in one forward pass (same output or sampling distribution, fewer passes; agent/speculative.py).
     jump_forward: bool = True
     lookup_tokens: int = Field(8, ge=0)
     no_call_bias: float = 0.0
@@ -264,15 +264,16 @@ class LocalChatModel(BaseChatModel):
     def _decode(self, input_ids: torch.Tensor, processor: ToolCallLogitsProcessor | None,
                 options: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """``(prompt + new tokens, forward passes)`` under ``options`` (``generate``'s keyword
-        arguments); greedy replies take the drafting decoder. The caller holds the lock."""
+        arguments); greedy and sampled replies without stop strings take the drafting decoder.
+        The caller holds the lock."""
         # Virtual positions live in the cache; the base model decodes after them.
         decoder = self.model if self._virtual else self._active
         cache = self._prefix_cache.take(input_ids[0]) if self.prefix_cache_entries > 0 else None
         cache = self._virtual.fill(self.model, cache) if self._virtual else cache
-        greedy = not options.get("do_sample") and "stopping_criteria" not in options
-        if greedy and self._drafts(constrained=processor is not None):
-            output, stats = greedy_decode(
+        if "stopping_criteria" not in options and self._drafts(constrained=processor is not None):
+            output, stats = drafted_decode(
                 decoder, input_ids, processor, options["max_new_tokens"], self._eos_ids(), cache,
+                temperature=options["temperature"] if options.get("do_sample") else 0.0, **self._sampling_limits(),
                 jump_forward=self.jump_forward, lookup_tokens=self.lookup_tokens)
             forward_passes = stats.forward_passes
         else:
@@ -284,8 +285,14 @@ class LocalChatModel(BaseChatModel):
             self._prefix_cache.put(output[0], cache)
         return output, forward_passes
 
+    def _sampling_limits(self) -> dict[str, Any]:
+        """The model's top-k/top-p, with ``generate``'s defaults where its generation config sets none."""
+        config = self.model.generation_config
+        return {"top_k": 50 if config.top_k is None else config.top_k,
+                "top_p": 1.0 if config.top_p is None else config.top_p}
+
     def _drafts(self, constrained: bool) -> bool:
-        """Whether greedy decoding has drafts to check: grammar-forced tokens or prompt lookup."""
+        """Whether decoding has drafts to check: grammar-forced tokens or prompt lookup."""
         return self.jump_forward and constrained or self.lookup_tokens > 0
 
     def _eos_ids(self) -> set[int]:

@@ -1,4 +1,4 @@
-"""Greedy decoding (constrained or free) with fewer forward passes, and the same output.
+"""Greedy or sampled decoding (constrained or free) with fewer forward passes, and the same output.
 
 On a CPU a forward pass over a handful of tokens costs little more than over one, so
 tokens that can be guessed are checked together instead of generated one by one:
@@ -11,12 +11,16 @@ tokens that can be guessed are checked together instead of generated one by one:
   guessed next.
 
 The guesses are fed with the chosen token in one pass and verified position by position
-through the same logits processor greedy decoding uses: a guess is kept only where the
-masked argmax equals it, the first mismatch is replaced by that argmax, and the KV cache is
-cropped back to the kept tokens. Every kept token is therefore exactly the token plain greedy
-decoding (under the grammar, when there is one) picks from the same logits; only rounding can differ, as between
-any two batch shapes of the same model (bit-identical in float32 in the tests; compared on
-real steps in ``selftune bench inference``).
+through the same logits processor plain decoding uses: at each position the token is chosen
+as plain decoding chooses it (the masked argmax, or a draw from the masked distribution at
+``temperature``), a guess is kept only where that choice equals it, the first mismatch is
+replaced by the choice, and the KV cache is cropped back to the kept tokens. Every kept token
+is therefore exactly the token plain decoding (under the grammar, when there is one) picks
+from the same logits, and sampling draws once per token as ``generate`` does (a guess is a
+point-mass draft: accepting it when the draw equals it is exact speculative sampling). Only
+rounding can differ, as between any two batch shapes of the same model (logits within ~1e-4
+in float32: the tests get ``generate``'s greedy tokens, and its samples under the same seed;
+greedy steps are compared on real prompts in ``selftune bench inference``).
 """
 
 from __future__ import annotations
@@ -24,16 +28,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from selftune.agent.constrained import ToolCallLogitsProcessor
 
-__all__ = ["DecodeStats", "greedy_decode", "lookup_draft"]
+__all__ = ["DecodeStats", "drafted_decode", "lookup_draft"]
 
 
 @dataclass
 class DecodeStats:
-    """Work done by one :func:`greedy_decode` call."""
+    """Work done by one :func:`drafted_decode` call."""
 
     forward_passes: int = 0
     drafted_tokens: int = 0
@@ -51,7 +55,7 @@ def lookup_draft(ids: list[int], ngram: int, limit: int) -> list[int]:
     return []
 
 
-def greedy_decode(
+def drafted_decode(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     processor: ToolCallLogitsProcessor | None,
@@ -59,19 +63,28 @@ def greedy_decode(
     stop_token_ids: set[int],
     cache: DynamicCache | None = None,
     *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     jump_forward: bool = True,
     lookup_tokens: int = 0,
     lookup_ngram: int = 3,
 ) -> tuple[torch.Tensor, DecodeStats]:
-    """Greedy decoding of one row, under ``processor`` or free (None): ``(prompt + new tokens, stats)``.
+    """Decoding of one row, under ``processor`` or free (None): ``(prompt + new tokens, stats)``.
 
-    ``input_ids``: ``(1, n)``. ``cache`` may hold keys/values for a prefix of the prompt
-    (a prefix-cache hit); afterwards it holds every token but the last, as after
-    ``model.generate``. ``jump_forward`` drafts grammar-forced tokens (with a processor),
+    ``input_ids``: ``(1, n)``. ``temperature`` 0 decodes greedily; above 0 it samples as
+    ``generate(do_sample=True, temperature=..., top_k=..., top_p=...)`` does (the processor, then
+    transformers' warpers, one ``torch.multinomial`` draw per token from the global generator;
+    ``top_k`` 0 and ``top_p`` 1 keep every token). ``cache`` may hold keys/values
+    for a prefix of the prompt (a prefix-cache hit); afterwards it holds every token but the last,
+    as after ``model.generate``. ``jump_forward`` drafts grammar-forced tokens (with a processor),
     ``lookup_tokens`` up to that many prompt-lookup tokens after them.
     """
     if input_ids.shape[0] != 1:
-        raise ValueError("greedy_decode handles one row")
+        raise ValueError("drafted_decode handles one row")
+    if temperature < 0:
+        raise ValueError("temperature must be 0 (greedy) or positive")
+    warpers = _sampling_warpers(temperature, top_k, top_p)
     cache = cache if cache is not None else DynamicCache()
     stats = DecodeStats()
     ids: list[int] = input_ids[0].tolist()
@@ -87,10 +100,13 @@ def greedy_decode(
         return logits[0].float()
 
     def pick(logits: torch.Tensor) -> int:
-        if processor is None:
-            return int(logits.argmax(-1))
-        context = torch.tensor([ids], dtype=torch.long)
-        return int(processor(context, logits[None].clone()).argmax(-1))
+        scores = logits[None]
+        if processor is not None:  # it masks in place
+            scores = processor(torch.tensor([ids], dtype=torch.long), scores.clone())
+        if temperature == 0:
+            return int(scores.argmax(-1))
+        scores = warpers(torch.tensor([ids], dtype=torch.long), scores)
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
 
     token = pick(forward(ids[cached:], 1)[-1])
     while True:
@@ -121,3 +137,15 @@ def greedy_decode(
         if ended:
             break
     return torch.tensor([ids], dtype=torch.long, device=input_ids.device), stats
+
+
+def _sampling_warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' sampling warpers in ``generate``'s order (temperature, top-k, top-p)."""
+    warpers = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers

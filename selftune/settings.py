@@ -57,12 +57,14 @@ class ModelSettings(StrictModel):
         4, ge=0, le=64, description="Local models: KV caches of recent prompts kept for reuse by prompts "
                                     "that start the same way (system text, tool schemas, transcript); 0 = off.")
     jump_forward: bool = Field(
-        True, description="Local models, greedy tool calls: check the tokens the grammar forces in one forward "
-                          "pass with the chosen token instead of generating them one by one (same output).")
+        True, description="Local models, tool calls: check the tokens the grammar forces in one forward pass with "
+                          "the chosen token instead of generating them one by one (same output greedy, same "
+                          "distribution sampled).")
     lookup_tokens: int = Field(
-        8, ge=0, le=64, description="Local models, greedy decoding (tool calls and free text): guess up to this "
-                                    "many tokens by prompt lookup (values copied from the prompt or earlier output), "
-                                    "verified in one forward pass (same output); 0 = off.")
+        8, ge=0, le=64, description="Local models, tool calls and free text without stop strings: guess up to "
+                                    "this many tokens by prompt lookup (values copied from the prompt or earlier "
+                                    "output), verified in one forward pass (same output greedy, same distribution "
+                                    "sampled); 0 = off.")
     openai_base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp).")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding that server's API key.")
 

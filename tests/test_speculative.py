@@ -18,7 +18,7 @@ from selftune.agent.constrained import ToolCallLogitsProcessor, grammar_cache, o
 from selftune.agent.generation import generate
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.models import load_causal_lm
-from selftune.agent.speculative import greedy_decode, lookup_draft
+from selftune.agent.speculative import drafted_decode, lookup_draft
 from selftune.bfcl import load_category
 from selftune.bfcl.harness import build_messages
 
@@ -70,7 +70,7 @@ def test_drafted_decoding_gives_the_plain_greedy_tokens_in_fewer_passes(weights,
         ids, functions, max_calls = _case(weights, category, index)
         expected = _plain_greedy(weights, ids, functions, max_calls, budget)
         with torch.inference_mode():
-            got, stats = greedy_decode(model, ids, _processor(weights, functions, max_calls, budget), budget,
+            got, stats = drafted_decode(model, ids, _processor(weights, functions, max_calls, budget), budget,
                                        _eos(weights), jump_forward=True, lookup_tokens=lookup_tokens)
         assert got[0].tolist() == expected, (category, index, budget)
         generated = len(expected) - ids.shape[1]
@@ -83,7 +83,7 @@ def test_without_drafts_it_is_one_pass_per_token(weights) -> None:
     ids, functions, max_calls = _case(weights, "simple_python", 0)
     expected = _plain_greedy(weights, ids, functions, max_calls, 64)
     with torch.inference_mode():
-        got, stats = greedy_decode(model, ids, _processor(weights, functions, max_calls, 64), 64, _eos(weights),
+        got, stats = drafted_decode(model, ids, _processor(weights, functions, max_calls, 64), 64, _eos(weights),
                                    jump_forward=False)
     assert got[0].tolist() == expected
     assert stats.drafted_tokens == 0 and stats.forward_passes == len(expected) - ids.shape[1]
@@ -96,12 +96,12 @@ def test_a_cached_prompt_prefix_gives_the_same_tokens_and_leaves_the_cache_like_
     cache = DynamicCache()
     with torch.inference_mode():
         model(input_ids=ids[:, :-7], cache=cache, use_cache=True)  # a prefix-cache hit for all but 7 tokens
-        got, _ = greedy_decode(model, ids, _processor(weights, functions, max_calls, 96), 96, _eos(weights), cache)
+        got, _ = drafted_decode(model, ids, _processor(weights, functions, max_calls, 96), 96, _eos(weights), cache)
     assert got[0].tolist() == expected
     assert cache.get_seq_length() == len(expected) - 1  # every token but the last, as after generate
 
     with pytest.raises(ValueError, match="proper prefix"):
-        greedy_decode(model, ids[:, :5], _processor(weights, functions, max_calls, 8), 8, _eos(weights), cache)
+        drafted_decode(model, ids[:, :5], _processor(weights, functions, max_calls, 8), 8, _eos(weights), cache)
 
 
 def test_local_chat_model_drafts_only_where_asked_and_says_how_many_passes(weights) -> None:
@@ -129,7 +129,7 @@ def test_free_greedy_decoding_with_lookup_gives_generates_tokens(weights) -> Non
         with torch.inference_mode():
             expected = model.generate(ids, max_new_tokens=budget, do_sample=False, temperature=None, top_p=None,
                                       top_k=None, pad_token_id=tokenizer.pad_token_id)[0].tolist()
-            got, stats = greedy_decode(model, ids, None, budget, _eos(weights), lookup_tokens=8)
+            got, stats = drafted_decode(model, ids, None, budget, _eos(weights), lookup_tokens=8)
         assert got[0].tolist() == expected, (category, index)
         assert stats.forward_passes <= len(expected) - ids.shape[1] - stats.accepted_tokens + 1
         passes, tokens = passes + stats.forward_passes, tokens + len(expected) - ids.shape[1]
@@ -143,6 +143,46 @@ def test_free_greedy_decoding_with_lookup_gives_generates_tokens(weights) -> Non
         replies[lookup] = generate(chat, build_messages(question), max_tokens=64, temperature=0.0)
     assert replies[0].content == replies[8].content
     assert replies[8].response_metadata["forward_passes"] < replies[0].response_metadata["forward_passes"]
+
+
+@pytest.mark.parametrize("lookup_tokens", [0, 8])
+def test_drafted_sampling_draws_generates_samples_in_fewer_passes(weights, lookup_tokens: int) -> None:
+    """At a temperature each kept token is one draw from the masked distribution, as in ``generate``:
+    with the same seed the two give the same tokens (``generate`` samples from the best 50 by default) (several seeds, so calls and refusals with
+    sampled arguments occur), and drafted guesses still save passes. Budgets leave the closing
+    guard idle: near the end of a budget it checks the best tokens in score order, and there a
+    rounding difference between pass shapes can change which tokens it bans."""
+    model, tokenizer = weights
+    passes = tokens = 0
+    for category, index, budget in [CASES[0], CASES[3]]:
+        ids, functions, max_calls = _case(weights, category, index)
+        for seed in range(3):
+            with torch.inference_mode():
+                torch.manual_seed(seed)
+                expected = model.generate(
+                    ids, logits_processor=LogitsProcessorList([_processor(weights, functions, max_calls, budget)]),
+                    max_new_tokens=budget, do_sample=True, temperature=0.7, pad_token_id=tokenizer.pad_token_id)
+                torch.manual_seed(seed)
+                got, stats = drafted_decode(model, ids, _processor(weights, functions, max_calls, budget), budget,
+                                            _eos(weights), temperature=0.7, top_k=50, lookup_tokens=lookup_tokens)
+            assert got[0].tolist() == expected[0].tolist(), (category, index, seed)
+            passes, tokens = passes + stats.forward_passes, tokens + expected.shape[1] - ids.shape[1]
+    assert passes < tokens * 0.8
+
+
+def test_local_chat_model_samples_through_the_drafting_decoder(weights) -> None:
+    model, tokenizer = weights
+    question, _ = load_category("simple_python", limit=1, seed=0)[0]
+    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0)
+    replies = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        replies.append(generate(chat, build_messages(question), max_tokens=96, temperature=1.0,
+                                tools=question.tools(), allow_no_call=True))
+    assert len({reply.content for reply in replies}) > 1  # it samples
+    assert any(reply.response_metadata["forward_passes"] < reply.usage_metadata["output_tokens"] for reply in replies)
+    with pytest.raises(ValueError, match="temperature"):
+        drafted_decode(model, torch.tensor([[1, 2, 3]]), None, 4, _eos(weights), temperature=-1.0)
 
 
 def _prompt_learning_adapter(kind: str, weights, model_cache: Path, path: Path) -> PeftModel:

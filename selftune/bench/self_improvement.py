@@ -78,7 +78,7 @@ from selftune.tuning.trainer import train_adapter
 
 __all__ = [
     "SPLIT_FILE", "BenchRound", "SelfImprovementRun", "Split", "abstention_goals", "calibration_goals", "make_split",
-    "run_fewshot_baseline", "run_self_improvement", "widen_train",
+    "run_fewshot_baseline", "run_self_improvement", "train_questions", "widen_train",
 ]
 
 SPLIT_FILE = PROJECT_ROOT / "configs" / "self_improvement_split.json"
@@ -209,7 +209,7 @@ def _count(ids: dict[str, list[str]]) -> int:
     return sum(len(category_ids) for category_ids in ids.values())
 
 
-def _train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None]]:
+def train_questions(split: Split) -> list[tuple[BfclQuestion, BfclAnswer | None]]:
     questions = []
     for category, ids in split.train.items():
         wanted = set(ids)
@@ -226,7 +226,7 @@ def abstention_goals(split: Split, count: int, near_miss: int = 0,
     used yet) get the closest-reading other functions that still do not fit
     (:func:`selftune.bfcl.mismatch.near_miss_partners`): a plausible but wrong tool, as in BFCL's irrelevance category.
     Abstention is learned from the model's own verified refusals, never from BFCL's irrelevance data."""
-    return mismatched([question for question, _ in _train_questions(split)], count, near_miss, embedding_model)
+    return mismatched([question for question, _ in train_questions(split)], count, near_miss, embedding_model)
 
 
 def calibration_goals(split: Split, count: int, eval_limit: int,
@@ -242,7 +242,7 @@ def calibration_goals(split: Split, count: int, eval_limit: int,
 def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: int, temperature: float,
              abstain: list[tuple[BfclQuestion, None]], call_required_attempts: int = 0) -> tuple[int, int, int]:
     """Attempt every train and abstention goal; (attempts, solved, solved with the call required)."""
-    train = _train_questions(split)
+    train = train_questions(split)
     planned = [(question, answer, attempt, True) for question, answer in train + abstain for attempt in range(attempts)]
     planned += [(question, answer, attempt, False) for question, answer in train
                 for attempt in range(call_required_attempts)]
@@ -517,7 +517,7 @@ def run_fewshot_baseline(
         abstain = abstention_goals(split, abstain_goals, near_miss_goals, settings.memory.embedding_model)
         total, solved, _ = _collect(store, chat, split, attempts, temperature, abstain)
         memory = VectorMemory(root / "chroma", "exemplars", settings.memory.embedding_model)
-        goals = {question.id: question for question, _ in _train_questions(split) + abstain}
+        goals = {question.id: question for question, _ in train_questions(split) + abstain}
         exemplars = _exemplar_memory(store, memory, shots, goals)
         seconds.collect = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
