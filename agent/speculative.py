@@ -1,4 +1,5 @@
-"""Greedy or sampled decoding (constrained or free) with fewer forward passes, and the same output.
+"""Greedy or sampled decoding (constrained or free) with fewer forward passes and the same output
+(greedy) or distribution (sampled).
 
 On a CPU a forward pass over a handful of tokens costs little more than over one, so
 tokens that can be guessed are checked together instead of generated one by one:

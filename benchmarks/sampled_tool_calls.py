@@ -89,7 +89,8 @@ def run(model_name: str, questions: int, attempts: int, temperature: float, max_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--questions", type=int, default=16, help="train questions (plus a quarter as many abstention goals)")
+    parser.add_argument("--questions", type=int, default=16,
+                        help="train questions (plus a quarter as many abstention goals)")
     parser.add_argument("--attempts", type=int, default=3, help="sampled attempts per goal")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=256)

@@ -145,13 +145,13 @@ def test_free_greedy_decoding_with_lookup_gives_generates_tokens(weights) -> Non
     assert replies[8].response_metadata["forward_passes"] < replies[0].response_metadata["forward_passes"]
 
 
-@pytest.mark.parametrize("lookup_tokens", [0, 8])
-def test_drafted_sampling_draws_generates_samples_in_fewer_passes(weights, lookup_tokens: int) -> None:
-    """At a temperature each kept token is one draw from the masked distribution, as in ``generate``:
-    with the same seed the two give the same tokens (``generate`` samples from the best 50 by default) (several seeds, so calls and refusals with
-    sampled arguments occur), and drafted guesses still save passes. Budgets leave the closing
-    guard idle: near the end of a budget it checks the best tokens in score order, and there a
-    rounding difference between pass shapes can change which tokens it bans."""
+def test_drafted_sampling_draws_generates_samples_in_fewer_passes(weights) -> None:
+    """At a temperature each kept token is one draw from the masked distribution, as in ``generate``
+    (which samples from the best 50 by default): with the same seed the two give the same tokens
+    (several seeds, so calls and refusals with sampled arguments occur), and drafted guesses
+    (grammar-forced and prompt lookup) still save passes. Budgets leave the closing guard idle:
+    near the end of a budget it checks the best tokens in score order, and there a rounding
+    difference between pass shapes can change which tokens it bans."""
     model, tokenizer = weights
     passes = tokens = 0
     for category, index, budget in [CASES[0], CASES[3]]:
@@ -164,7 +164,7 @@ def test_drafted_sampling_draws_generates_samples_in_fewer_passes(weights, looku
                     max_new_tokens=budget, do_sample=True, temperature=0.7, pad_token_id=tokenizer.pad_token_id)
                 torch.manual_seed(seed)
                 got, stats = drafted_decode(model, ids, _processor(weights, functions, max_calls, budget), budget,
-                                            _eos(weights), temperature=0.7, top_k=50, lookup_tokens=lookup_tokens)
+                                            _eos(weights), temperature=0.7, top_k=50, lookup_tokens=8)
             assert got[0].tolist() == expected[0].tolist(), (category, index, seed)
             passes, tokens = passes + stats.forward_passes, tokens + expected.shape[1] - ids.shape[1]
     assert passes < tokens * 0.8
