@@ -102,12 +102,14 @@ def drafted_decode(
 
     def pick(logits: torch.Tensor) -> int:
         scores = logits[None]
+        if processor is None and temperature == 0:
+            return int(scores.argmax(-1))
+        context = torch.tensor([ids], dtype=torch.long)
         if processor is not None:  # it masks in place
-            scores = processor(torch.tensor([ids], dtype=torch.long), scores.clone())
+            scores = processor(context, scores.clone())
         if temperature == 0:
             return int(scores.argmax(-1))
-        scores = warpers(torch.tensor([ids], dtype=torch.long), scores)
-        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+        return int(torch.multinomial(torch.softmax(warpers(context, scores), dim=-1), num_samples=1))
 
     token = pick(forward(ids[cached:], 1)[-1])
     while True:

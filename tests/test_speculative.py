@@ -171,16 +171,26 @@ def test_drafted_sampling_draws_generates_samples_in_fewer_passes(weights) -> No
 
 
 def test_local_chat_model_samples_through_the_drafting_decoder(weights) -> None:
+    """Drafted sampling draws what sampling through ``generate`` (drafting off) draws under the same
+    seed: the same warpers, including ``generate``'s default top-k, which the model's config leaves unset."""
     model, tokenizer = weights
     question, _ = load_category("simple_python", limit=1, seed=0)[0]
-    chat = LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0)
-    replies = []
+    chats = {"drafted": LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0),
+             "plain": LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, prefix_cache_entries=0,
+                                     jump_forward=False, lookup_tokens=0)}
+    replies: dict[str, list] = {name: [] for name in chats}
     for seed in range(4):
-        torch.manual_seed(seed)
-        replies.append(generate(chat, build_messages(question), max_tokens=96, temperature=1.0,
+        for name, chat in chats.items():
+            got = replies[name]
+            torch.manual_seed(seed)
+            got.append(generate(chat, build_messages(question), max_tokens=96, temperature=1.0,
                                 tools=question.tools(), allow_no_call=True))
-    assert len({reply.content for reply in replies}) > 1  # it samples
-    assert any(reply.response_metadata["forward_passes"] < reply.usage_metadata["output_tokens"] for reply in replies)
+    assert [r.content for r in replies["drafted"]] == [r.content for r in replies["plain"]]
+    assert len({reply.content for reply in replies["drafted"]}) > 1  # it samples
+    assert all(reply.response_metadata["forward_passes"] == reply.usage_metadata["output_tokens"]
+               for reply in replies["plain"])
+    assert any(reply.response_metadata["forward_passes"] < reply.usage_metadata["output_tokens"]
+               for reply in replies["drafted"])
     with pytest.raises(ValueError, match="temperature"):
         drafted_decode(model, torch.tensor([[1, 2, 3]]), None, 4, _eos(weights), temperature=-1.0)
 
