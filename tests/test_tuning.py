@@ -33,7 +33,7 @@ from selftune.tuning import adapters as adapters_module
 from selftune.tuning import trainer as trainer_module
 from selftune.tuning.adapters import AdapterRegistry, AdapterVersion, RegistryError
 from selftune.tuning.dataset import (
-    IGNORE_INDEX, ChatTemplateError, SFTExample, build_examples, collate, training_fingerprint,
+    IGNORE_INDEX, ChatTemplateError, SFTExample, anchor_examples, build_examples, collate, training_fingerprint,
 )
 from selftune.tuning.methods import METHODS, get_method
 from selftune.tuning.report import (
@@ -316,10 +316,12 @@ def test_kl_to_base_is_zero_for_an_unmoved_adapter_and_counts_only_distilled_row
         torch.manual_seed(0)
         peft_model = get_peft_model(model, METHODS["lora"].build(_settings(), None))
     try:
+        positions = trainer_module._target_positions(inputs["labels"])
+
         def kl(rows: list[bool]) -> float:
             with torch.no_grad():
-                logits = peft_model(**inputs).logits
-            return float(trainer_module._kl_to_base(peft_model, inputs, logits, torch.tensor(rows)))
+                logits = trainer_module._logits_at(peft_model, inputs, positions)
+            return float(trainer_module._kl_to_base(peft_model, inputs, positions, logits, torch.tensor(rows)))
 
         assert kl([True, True]) == pytest.approx(0.0, abs=1e-3)  # LoRA starts as the identity (B = 0)
         with torch.no_grad():
@@ -336,10 +338,11 @@ def _mean_kl_to_base(model, path: Path, examples: list[SFTExample], pad_token_id
     inputs = collate(examples, pad_token_id)
     peft_model = PeftModel.from_pretrained(model, path)
     try:
+        positions = trainer_module._target_positions(inputs["labels"])
         with torch.no_grad():
-            logits = peft_model(**inputs).logits
+            logits = trainer_module._logits_at(peft_model, inputs, positions)
             rows = torch.ones(len(examples), dtype=torch.bool)
-            return float(trainer_module._kl_to_base(peft_model, inputs, logits, rows))
+            return float(trainer_module._kl_to_base(peft_model, inputs, positions, logits, rows))
     finally:
         _release(peft_model)
 
@@ -355,6 +358,61 @@ def test_kl_weight_keeps_replayed_conversations_near_the_base(model, tokenizer, 
     drift = {name: _mean_kl_to_base(model, tmp_path / name, examples, tokenizer.eos_token_id)
              for name in ("plain", "pulled")}
     assert drift["pulled"] < 0.5 * drift["plain"]
+    assert _pristine(model) == (True, True, True, "LlamaForCausalLM")
+
+
+ANCHOR_TEXT = "The river ran cold and clear under the old stone bridge.\n\n\n" \
+              "Snow fell on the hills all night, and by morning the roads were gone."
+
+
+def test_anchor_examples_are_plain_passages_with_every_token_a_target(tokenizer, tmp_path):
+    path = tmp_path / "anchor.txt"
+    path.write_text(ANCHOR_TEXT + "\n\n   \n")
+    examples = anchor_examples(path, tokenizer, max_tokens=8)
+    assert [example.anchor for example in examples] == [True, True]
+    first = tokenizer("The river ran cold and clear under the old stone bridge.", add_special_tokens=False)["input_ids"]
+    assert examples[0].input_ids == examples[0].labels == first[:8]
+    assert not any(example.distill for example in examples)
+    assert anchor_examples(None, tokenizer, max_tokens=8) == []
+
+
+def test_anchor_passages_take_no_cross_entropy_and_need_a_kl_weight(model, tokenizer, tmp_path):
+    path = tmp_path / "anchor.txt"
+    path.write_text(ANCHOR_TEXT)
+    episodes = build_examples([_tool_episode(i) for i in range(2)], tokenizer, max_seq_len=512)
+    anchors = anchor_examples(path, tokenizer, max_tokens=64)
+    with pytest.raises(ValueError, match="kl_weight"):
+        TuningSettings(anchor_file=path)
+    with pytest.raises(ValueError, match="kl_weight"):
+        train_adapter(model, tokenizer, episodes + anchors, _settings(), tmp_path / "refused", method="lora")
+    assert not (tmp_path / "refused").exists()
+    peft_model = get_peft_model(model, get_method("lora").build(_settings(), None))
+    try:
+        peft_model.eval()
+        losses = [trainer_module._accumulate(peft_model, batch, 1, tokenizer.pad_token_id, torch.device("cpu"),
+                                             kl_weight=1.0).item() for batch in (episodes, episodes + anchors)]
+        # LoRA starts as the identity, so the KL term is 0: what is left is the episodes' token-mean loss
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    finally:
+        peft_model.zero_grad(set_to_none=True)
+        _release(peft_model)
+        model.eval()
+
+
+def test_anchor_passages_hold_the_base_distribution_on_prose(model, tokenizer, tmp_path):
+    path = tmp_path / "anchor.txt"
+    path.write_text(ANCHOR_TEXT)
+    anchors = anchor_examples(path, tokenizer, max_tokens=64)
+    examples = build_examples([_tool_episode(i) for i in range(4)], tokenizer, max_seq_len=512)
+    settings = _settings(max_steps=4, learning_rate=2e-3)
+    free = train_adapter(model, tokenizer, examples, settings, tmp_path / "free", method="lora")
+    held = train_adapter(model, tokenizer, examples + anchors,
+                         settings.model_copy(update={"kl_weight": 5.0, "anchor_file": path}),
+                         tmp_path / "held", method="lora")
+    assert held.examples == free.examples == len(examples) and held.steps == free.steps
+    drift = {name: _mean_kl_to_base(model, tmp_path / name, anchors, tokenizer.eos_token_id)
+             for name in ("free", "held")}
+    assert drift["held"] < 0.75 * drift["free"]  # measured: 0.58 of it
     assert _pristine(model) == (True, True, True, "LlamaForCausalLM")
 
 
@@ -678,6 +736,44 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(model, tokenizer)
         # bf16 with padding perturbs single entries; direction and size must agree.
         assert torch.nn.functional.cosine_similarity(full, micro, dim=0) > 0.97
         assert micro.norm().item() == pytest.approx(full.norm().item(), rel=0.05)
+    finally:
+        peft_model.zero_grad(set_to_none=True)
+        _release(peft_model)
+        model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_loss_on_target_positions_equals_the_full_sequence_loss(model, tokenizer, method, tmp_path):
+    """Logits are computed at target positions only; loss and gradients must be those of transformers'
+    own loss over every position (prompt tuning shifts the positions by its virtual tokens)."""
+    examples = build_examples([_tool_episode(i) for i in range(3)], tokenizer, max_seq_len=512)
+    tokenizer.save_pretrained(tmp_path)  # prompt tuning's text init reads it
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, get_method(method).build(_settings(), str(tmp_path)))
+    try:
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # a LoRA update that is not zero, so its gradients are informative
+                torch.nn.init.normal_(parameter, 0, 0.02)
+        peft_model.eval()  # no dropout: both passes see the same network
+        results = []
+        for target_positions_only in (False, True):
+            peft_model.zero_grad(set_to_none=True)
+            if target_positions_only:
+                loss = trainer_module._accumulate(peft_model, examples, len(examples), tokenizer.pad_token_id,
+                                                  torch.device("cpu")).item()
+            else:
+                inputs = collate(examples, tokenizer.pad_token_id)
+                full = peft_model(**inputs).loss  # mean over every target token of the batch
+                full.backward()
+                loss = full.item()
+            grads = torch.cat([p.grad.float().flatten() for p in peft_model.parameters() if p.grad is not None])
+            results.append((loss, grads))
+        (full_loss, full_grads), (kept_loss, kept_grads) = results
+        assert kept_loss == pytest.approx(full_loss, rel=1e-3)
+        assert full_grads.norm() > 0
+        assert torch.nn.functional.cosine_similarity(full_grads, kept_grads, dim=0) > 0.999
+        assert kept_grads.norm().item() == pytest.approx(full_grads.norm().item(), rel=1e-2)
     finally:
         peft_model.zero_grad(set_to_none=True)
         _release(peft_model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from pydantic import BaseModel, model_validator
 from selftune.agent.transcript import to_prompt_messages
 from selftune.memory.records import ChatMessage, Episode
 
-__all__ = ["IGNORE_INDEX", "ChatTemplateError", "SFTExample", "build_examples", "collate", "training_fingerprint"]
+__all__ = ["IGNORE_INDEX", "ChatTemplateError", "SFTExample", "anchor_examples", "build_examples", "collate",
+           "training_fingerprint"]
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class SFTExample(BaseModel):
     trainable_turns: int
     cut_turns: int = 0  # trainable turns dropped because they did not fit max_seq_len
     distill: bool = False  # a replay-file conversation: also pulled towards the base model (tuning.kl_weight)
+    anchor: bool = False  # a passage of plain prose: only pulled towards the base model, never trained on
 
     @model_validator(mode="after")
     def _same_length(self) -> SFTExample:
@@ -120,6 +123,22 @@ def build_examples(episodes: list[Episode], tokenizer: Any, max_seq_len: int) ->
     return examples
 
 
+def anchor_examples(path: Path | None, tokenizer: Any, max_tokens: int) -> list[SFTExample]:
+    """One example per blank-line-separated passage of the plain text at ``path`` (no chat template),
+    at most ``max_tokens`` long, every token a target: where the trainer holds the candidate's
+    next-token distribution to the base model's (``tuning.anchor_file``; None: no passages)."""
+    if path is None:
+        return []
+    passages = [passage.strip() for passage in Path(path).read_text().split("\n\n") if passage.strip()]
+    examples = []
+    for number, passage in enumerate(passages):
+        ids = list(tokenizer(passage, add_special_tokens=False)["input_ids"])[:max_tokens]
+        if len(ids) >= 2:
+            examples.append(SFTExample(episode_id=f"anchor-{number}", input_ids=ids, labels=ids,
+                                       trainable_turns=0, anchor=True))
+    return examples
+
+
 def collate(batch: list[SFTExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``labels`` (padded with ``IGNORE_INDEX``) and ``attention_mask``."""
     width = max(len(example.input_ids) for example in batch)
@@ -141,5 +160,6 @@ def training_fingerprint(examples: list[SFTExample], *context: str) -> str:
     for part in context:
         digest.update(part.encode() + b"\0")
     for example in examples:
-        digest.update(example.model_dump_json(include={"input_ids", "labels", "distill"}).encode() + b"\0")
+        digest.update(example.model_dump_json(include={"input_ids", "labels", "distill"}).encode()
+                      + (b"anchor" if example.anchor else b"") + b"\0")
     return digest.hexdigest()

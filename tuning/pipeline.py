@@ -36,7 +36,7 @@ from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.calibration import (
     calibrate_adapter, calibration_questions, calibration_target, no_call_margin, refusal_share,
 )
-from selftune.tuning.dataset import build_examples, training_fingerprint
+from selftune.tuning.dataset import anchor_examples, build_examples, training_fingerprint
 from selftune.tuning.evaluate import evaluate_goals, evaluate_regression_suites
 from selftune.tuning.methods import get_method
 from selftune.tuning.replay import earlier_training_data, load_replay_file, mix_replay
@@ -131,6 +131,7 @@ def run_tuning_round(runtime: Runtime, method: str | None = None, force: bool = 
     examples = build_examples(episodes, chat.tokenizer, tuning.max_seq_len)
     if not examples:
         return finish("skipped", f"every selected episode is longer than max_seq_len={tuning.max_seq_len}")
+    examples += anchor_examples(tuning.anchor_file, chat.tokenizer, tuning.anchor_max_tokens)
     fingerprint = training_fingerprint(examples, method_name, settings.model.name, tuning.model_dump_json(),
                                        previous or "base")
     same = next((entry for entry in reversed(runtime.adapters.list()) if entry.fingerprint == fingerprint), None)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, PeftType, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTuner
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -59,20 +59,41 @@ def _batches(examples: list[SFTExample], batch_size: int, seed: int) -> Iterator
 
 
 def _target_tokens(labels: torch.Tensor) -> int:
-    """Tokens the causal-LM loss is taken on (labels are shifted by one inside the model)."""
+    """Tokens the causal-LM loss is taken on (position ``t`` predicts label ``t + 1``)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _kl_to_base(model: PeftModel, inputs: dict[str, torch.Tensor], logits: torch.Tensor,
+def _target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is a target in any row: the only logits the loss reads."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]
+
+
+def _prepended_positions(model: PeftModel) -> int:
+    """Positions prompt tuning puts in front of every sequence (0 for the other methods)."""
+    config = model.active_peft_config
+    return config.num_virtual_tokens if config.peft_type == PeftType.PROMPT_TUNING else 0
+
+
+def _logits_at(model: torch.nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+               offset: int = 0) -> torch.Tensor:
+    """``(rows, positions, vocabulary)`` logits at ``positions`` of the input sequence (shifted by
+    ``offset`` prepended positions). The language-model head and its gradient run there only, not on
+    every prompt token: most of an episode's tokens are prompt, and the head is a fifth of the model's
+    multiply-adds."""
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 logits_to_keep=positions + offset).logits
+
+
+def _kl_to_base(model: PeftModel, inputs: dict[str, torch.Tensor], positions: torch.Tensor, logits: torch.Tensor,
                 rows: torch.Tensor) -> torch.Tensor:
     """Summed KL(base || candidate) of the next-token distributions at the target positions of ``rows``;
-    the base distribution comes from a second, gradient-free pass over the same inputs with the adapter switched off."""
+    ``logits`` are the candidate's at ``positions`` (:func:`_logits_at`). The base distribution comes
+    from a second, gradient-free pass over the same inputs with the adapter switched off."""
     with torch.no_grad(), model.disable_adapter():
-        base = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    logits = logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
-    targets = (inputs["labels"][:, 1:] != IGNORE_INDEX) & rows[:, None]
-    candidate_log_probs = torch.log_softmax(logits[:, :-1][targets].float(), dim=-1)
-    base_log_probs = torch.log_softmax(base[:, :-1][targets].float(), dim=-1)
+        base = _logits_at(model, inputs, positions)
+    targets = (inputs["labels"][:, positions + 1] != IGNORE_INDEX) & rows[:, None]
+    candidate_log_probs = torch.log_softmax(logits[targets].float(), dim=-1)
+    base_log_probs = torch.log_softmax(base[targets].float(), dim=-1)
     return torch.nn.functional.kl_div(candidate_log_probs, base_log_probs, log_target=True, reduction="sum")
 
 
@@ -80,22 +101,29 @@ def _accumulate(model: PeftModel, batch: list[SFTExample], micro_batch_size: int
                 device: torch.device, kl_weight: float = 0.0) -> torch.Tensor:
     """Backward over ``batch`` in micro-batches; gradients and the returned loss equal the whole batch's
     token-mean loss (cross-entropy, plus ``kl_weight`` x KL to the base model on the tokens of
-    ``distill`` examples). Only one micro-batch's logits (sequence x vocabulary) are alive at a time,
-    which is what bounds peak memory on large vocabularies."""
+    ``distill`` and ``anchor`` examples, over the same count of cross-entropy targets; ``anchor``
+    examples take no cross-entropy). Only one micro-batch's logits (target positions x vocabulary) are alive at a
+    time, which is what bounds peak memory on large vocabularies."""
     micro_batches = [batch[i : i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
     collated = [collate(micro, pad_token_id) for micro in micro_batches]
-    total_targets = max(1, sum(_target_tokens(inputs["labels"]) for inputs in collated))
+    anchors = [torch.tensor([example.anchor for example in micro]) for micro in micro_batches]
+    total_targets = max(1, sum(_target_tokens(inputs["labels"][~anchor])
+                               for inputs, anchor in zip(collated, anchors)))
+    offset = _prepended_positions(model)
     loss_sum = torch.zeros(())
-    for micro, inputs in zip(micro_batches, collated):
-        targets = _target_tokens(inputs["labels"])
-        if targets == 0:
+    for micro, inputs, anchor in zip(micro_batches, collated, anchors):
+        positions = _target_positions(inputs["labels"])
+        if positions.numel() == 0:
             continue
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        output = model(**inputs)
-        loss = output.loss * (targets / total_targets)
-        rows = torch.tensor([example.distill for example in micro], device=device)
+        positions, anchor = positions.to(device), anchor.to(device)
+        logits = _logits_at(model, inputs, positions, offset)
+        trained_labels = inputs["labels"][:, positions + 1].masked_fill(anchor[:, None], IGNORE_INDEX)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), trained_labels.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum") / total_targets
+        rows = torch.tensor([example.distill or example.anchor for example in micro], device=device)
         if kl_weight > 0 and bool(rows.any()):
-            loss = loss + kl_weight * _kl_to_base(model, inputs, output.logits, rows) / total_targets
+            loss = loss + kl_weight * _kl_to_base(model, inputs, positions, logits, rows) / total_targets
         loss.backward()
         loss_sum += loss.detach().float().cpu()
     return loss_sum
@@ -107,6 +135,8 @@ def _fit(
     """The training loop; returns the loss of every optimizer step and the tokens processed."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
+    anchors = [example for example in examples if example.anchor]
+    examples = [example for example in examples if not example.anchor]
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
@@ -120,6 +150,8 @@ def _fit(
             for batch in _batches(examples, settings.batch_size, settings.seed + epoch):
                 if len(losses) == total:
                     break
+                if anchors:  # one passage of prose joins every step, in turn
+                    batch = batch + [anchors[len(losses) % len(anchors)]]
                 loss = _accumulate(model, batch, settings.micro_batch_size, pad_token_id, device, settings.kl_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {len(losses) + 1}")
@@ -175,15 +207,20 @@ def train_adapter(
     start_from: Path | None = None,
 ) -> TrainResult:
     """Train a ``method`` (default ``settings.method``) adapter on ``examples`` and save it to ``out_dir``;
-    from fresh adapter weights, or from the saved adapter ``start_from`` (continued training)."""
+    from fresh adapter weights, or from the saved adapter ``start_from`` (continued training).
+    ``anchor`` examples (:func:`~selftune.tuning.dataset.anchor_examples`) are not trained on: one joins
+    each optimizer step, held to the base model through the KL term."""
     spec = get_method(method or settings.method)
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel):
         raise TypeError("train_adapter needs the bare base model; unload the adapter it is serving first")
     if out_dir.exists():
         raise FileExistsError(f"adapter directory already exists: {out_dir}")
-    if not examples:
+    trained = sum(not example.anchor for example in examples)
+    if not trained:
         raise ValueError("no training examples")
+    if trained < len(examples) and settings.kl_weight <= 0:
+        raise ValueError("anchor passages only act through the KL term: set tuning.kl_weight above 0")
     if settings.lora_scale != 1.0 and spec.name != "lora":
         raise ValueError(f"lora_scale {settings.lora_scale} applies to LoRA adapters only, not {spec.name}")
     lr = spec.learning_rate(settings)
@@ -211,14 +248,13 @@ def train_adapter(
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         model.train(was_training)
-    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
     return TrainResult(
         method=spec.name,
         steps=len(losses),
-        epochs=len(losses) / steps_per_epoch,
+        epochs=len(losses) / math.ceil(trained / settings.batch_size),
         losses=losses,
         train_seconds=seconds,
-        examples=len(examples),
+        examples=trained,
         tokens=tokens,
         trainable_params=trainable_params,
         total_params=total_params,

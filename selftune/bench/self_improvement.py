@@ -68,7 +68,7 @@ from selftune.tuning.calibration import (
     no_call_margin,
     refusal_share,
 )
-from selftune.tuning.dataset import build_examples
+from selftune.tuning.dataset import anchor_examples, build_examples
 from selftune.tuning.evaluate import bfcl_suite
 from selftune.tuning.pipeline import gate, regression_baseline
 from selftune.tuning.replay import earlier_training_data, load_replay_file, mix_replay
@@ -167,6 +167,7 @@ class SelfImprovementRun(BaseModel):
     calibration_goals: int = 0
     base_refused: float | None = None  # share of the calibration abstention goals the base model refuses
     kl_weight: float = 0.0
+    anchor_file: str | None = None  # tuning.anchor_file's name: prose held to the base model in every step
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
     min_abstention_share: float = 0.0
@@ -179,8 +180,10 @@ class SelfImprovementRun(BaseModel):
 CALL_REQUIRED_ORIGIN = "bfcl-train-call-required"
 
 
-def _record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, answer: Any, temperature: float,
-                    allow_no_call: bool = True) -> bool:
+def record_attempt(store: EpisodeStore, chat: LocalChatModel, question: Any, answer: Any, temperature: float,
+                   allow_no_call: bool = True) -> bool:
+    """Answer ``question`` once and store it as an episode with the checker's verdict as its reward;
+    whether the reply was right."""
     messages = build_messages(question)
     reply = generate(chat, messages, max_tokens=256, temperature=temperature, tools=question.tools(),
                      allow_no_call=allow_no_call)
@@ -248,7 +251,7 @@ def _collect(store: EpisodeStore, chat: LocalChatModel, split: Split, attempts: 
                 for attempt in range(call_required_attempts)]
     solved = required_solved = 0
     for question, answer, attempt, allow_no_call in tqdm(planned, desc="collecting", unit="attempt", leave=False):
-        valid = _record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature, allow_no_call)
+        valid = record_attempt(store, chat, question, answer, 0.0 if attempt == 0 else temperature, allow_no_call)
         solved += valid
         required_solved += valid and not allow_no_call
     return len(planned), solved, required_solved
@@ -314,6 +317,7 @@ def run_self_improvement(
                              abstain_goals=abstain_goals, near_miss_goals=near_miss_goals,
                              call_required_attempts=call_required_attempts, calibration_goals=calibration_count,
                              kl_weight=tuning.kl_weight if replay else 0.0,
+                             anchor_file=tuning.anchor_file.name if replay and tuning.anchor_file else None,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale,
@@ -362,6 +366,7 @@ def run_self_improvement(
                                        tuning.replay_ratio if replay else 0.0, tuning.replay_general_share,
                                        tuning.seed + number)
             examples = build_examples(episodes, tokenizer, tuning.max_seq_len)
+            anchors = anchor_examples(tuning.anchor_file, tokenizer, tuning.anchor_max_tokens) if replay else []
             result = BenchRound(round=number, decision="skipped", attempts=total, solved_attempts=solved,
                                 call_required_solved=required_solved,
                                 selected=len(selection.selected), abstentions=selection.abstentions,
@@ -377,7 +382,7 @@ def run_self_improvement(
             start_from = registry.continuation_point(tuning.method) if tuning.continue_from_active else None
             version, out_dir = registry.allocate()
             chat.use_adapter(None)
-            train_adapter(model, tokenizer, examples, tuning, out_dir, start_from=start_from)
+            train_adapter(model, tokenizer, examples + anchors, tuning, out_dir, start_from=start_from)
             seconds.train = round(time.perf_counter() - start, 1)
 
             start = time.perf_counter()
@@ -445,7 +450,7 @@ def _recorded_suites(accuracies: Mapping[str, float], split: Split, eval_limit: 
 
 
 def _question_id(episode: Episode) -> str:
-    """The BFCL question id an attempt's episode was collected for (its goal, see :func:`_record_attempt`)."""
+    """The BFCL question id an attempt's episode was collected for (its goal, see :func:`record_attempt`)."""
     return episode.goal.split(": ", 1)[0]
 
 
