@@ -189,13 +189,13 @@ class TuningSettings(StrictModel):
         PROJECT_ROOT / "configs" / "replay.jsonl",
         description="General-language and abstention conversations (JSON lines) replayed in every round; None: none.")
     kl_weight: float = Field(
-        0.0, ge=0.0, description="Weight of KL(base || candidate) on the assistant tokens of replay-file conversations "
-                                 "and on anchor passages: keeps general and abstention replies near the base "
-                                 "model's (0 = off).")
+        0.0, ge=0.0, description="Weight of KL(base || candidate) on the assistant tokens of replay-file conversations: "
+                                 "keeps general and abstention replies near the base model's (0 = off).")
     anchor_file: Path | None = Field(
         None, description="Plain public-domain prose, passages separated by blank lines (configs/anchor.txt): one "
-                          "passage joins every optimizer step, where kl_weight x KL(base || candidate) on its tokens "
-                          "holds general language where the base model had it, against drift (None = off).")
+                          "passage joins every optimizer step, where anchor_weight x KL(base || candidate) on its "
+                          "tokens holds general language where the base model had it, against drift (None = off).")
+    anchor_weight: float = Field(1.0, gt=0.0, description="Weight of the KL term on anchor passages.")
     anchor_max_tokens: int = Field(128, ge=2, description="Tokens kept of each anchor passage.")
     no_call_calibration: int = Field(
         0, ge=0, description="Questions that set each candidate's no-call bias: this many held-back BFCL "
@@ -214,8 +214,6 @@ class TuningSettings(StrictModel):
         if self.min_abstention_share > self.max_abstention_share:
             raise ValueError(f"min_abstention_share {self.min_abstention_share} exceeds "
                              f"max_abstention_share {self.max_abstention_share}")
-        if self.anchor_file is not None and self.kl_weight <= 0:
-            raise ValueError("anchor_file acts only through the KL term: set kl_weight above 0")
         return self
 
 

@@ -318,18 +318,27 @@ def test_kl_to_base_is_zero_for_an_unmoved_adapter_and_counts_only_distilled_row
     try:
         positions = trainer_module._target_positions(inputs["labels"])
 
-        def kl(rows: list[bool]) -> float:
+        def kl() -> list[float]:
             with torch.no_grad():
                 logits = trainer_module._logits_at(peft_model, inputs, positions)
-            return float(trainer_module._kl_to_base(peft_model, inputs, positions, logits, torch.tensor(rows)))
+            return trainer_module._kl_to_base(peft_model, inputs, positions, logits).tolist()
 
-        assert kl([True, True]) == pytest.approx(0.0, abs=1e-3)  # LoRA starts as the identity (B = 0)
+        assert kl() == pytest.approx([0.0, 0.0], abs=1e-3)  # LoRA starts as the identity (B = 0)
         with torch.no_grad():
             for name, parameter in peft_model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.05)
-        both, first, none = kl([True, True]), kl([True, False]), kl([False, False])
-        assert both > first > 0.01 and none == 0.0
+        assert min(kl()) > 0.01
+
+        def loss(batch: list[SFTExample], kl_weight: float) -> float:
+            return trainer_module._accumulate(peft_model, batch, 1, tokenizer.eos_token_id, torch.device("cpu"),
+                                              kl_weight=kl_weight).item()
+
+        peft_model.eval()  # no dropout: the losses compared come from the same network
+        tool = build_examples([_tool_episode(1)], tokenizer, max_seq_len=256)
+        # the KL term counts on replayed conversations only
+        assert loss(tool, 1.0) == pytest.approx(loss(tool, 0.0), rel=1e-5)
+        assert loss(examples, 1.0) > loss(examples, 0.0) + 0.01
     finally:
         _release(peft_model)
 
@@ -341,8 +350,7 @@ def _mean_kl_to_base(model, path: Path, examples: list[SFTExample], pad_token_id
         positions = trainer_module._target_positions(inputs["labels"])
         with torch.no_grad():
             logits = trainer_module._logits_at(peft_model, inputs, positions)
-            rows = torch.ones(len(examples), dtype=torch.bool)
-            return float(trainer_module._kl_to_base(peft_model, inputs, positions, logits, rows))
+            return float(trainer_module._kl_to_base(peft_model, inputs, positions, logits).sum())
     finally:
         _release(peft_model)
 
@@ -376,23 +384,32 @@ def test_anchor_examples_are_plain_passages_with_every_token_a_target(tokenizer,
     assert anchor_examples(None, tokenizer, max_tokens=8) == []
 
 
-def test_anchor_passages_take_no_cross_entropy_and_need_a_kl_weight(model, tokenizer, tmp_path):
+def test_anchor_passages_take_no_cross_entropy_only_the_kl_term(model, tokenizer, tmp_path):
     path = tmp_path / "anchor.txt"
     path.write_text(ANCHOR_TEXT)
     episodes = build_examples([_tool_episode(i) for i in range(2)], tokenizer, max_seq_len=512)
     anchors = anchor_examples(path, tokenizer, max_tokens=64)
-    with pytest.raises(ValueError, match="kl_weight"):
-        TuningSettings(anchor_file=path)
-    with pytest.raises(ValueError, match="kl_weight"):
-        train_adapter(model, tokenizer, episodes + anchors, _settings(), tmp_path / "refused", method="lora")
+    with pytest.raises(ValueError, match="anchor_weight"):
+        TuningSettings(anchor_file=path, anchor_weight=0)
+    with pytest.raises(ValueError, match="no training examples"):
+        train_adapter(model, tokenizer, anchors, _settings(), tmp_path / "refused", method="lora")
     assert not (tmp_path / "refused").exists()
     peft_model = get_peft_model(model, get_method("lora").build(_settings(), None))
     try:
         peft_model.eval()
-        losses = [trainer_module._accumulate(peft_model, batch, 1, tokenizer.pad_token_id, torch.device("cpu"),
-                                             kl_weight=1.0).item() for batch in (episodes, episodes + anchors)]
+
+        def loss(batch: list[SFTExample], anchor_weight: float) -> float:
+            return trainer_module._accumulate(peft_model, batch, 1, tokenizer.pad_token_id, torch.device("cpu"),
+                                              anchor_weight=anchor_weight).item()
+
         # LoRA starts as the identity, so the KL term is 0: what is left is the episodes' token-mean loss
-        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        assert loss(episodes + anchors, 1.0) == pytest.approx(loss(episodes, 1.0), rel=1e-5)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05)
+        assert loss(episodes + anchors, 0.0) == pytest.approx(loss(episodes, 0.0), rel=1e-5)
+        assert loss(episodes + anchors, 1.0) > loss(episodes, 1.0) + 0.01
     finally:
         peft_model.zero_grad(set_to_none=True)
         _release(peft_model)
@@ -407,7 +424,7 @@ def test_anchor_passages_hold_the_base_distribution_on_prose(model, tokenizer, t
     settings = _settings(max_steps=4, learning_rate=2e-3)
     free = train_adapter(model, tokenizer, examples, settings, tmp_path / "free", method="lora")
     held = train_adapter(model, tokenizer, examples + anchors,
-                         settings.model_copy(update={"kl_weight": 5.0, "anchor_file": path}),
+                         settings.model_copy(update={"anchor_weight": 5.0, "anchor_file": path}),
                          tmp_path / "held", method="lora")
     assert held.examples == free.examples == len(examples) and held.steps == free.steps
     drift = {name: _mean_kl_to_base(model, tmp_path / name, anchors, tokenizer.eos_token_id)

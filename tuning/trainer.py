@@ -84,26 +84,25 @@ def _logits_at(model: torch.nn.Module, inputs: dict[str, torch.Tensor], position
                  logits_to_keep=positions + offset).logits
 
 
-def _kl_to_base(model: PeftModel, inputs: dict[str, torch.Tensor], positions: torch.Tensor, logits: torch.Tensor,
-                rows: torch.Tensor) -> torch.Tensor:
-    """Summed KL(base || candidate) of the next-token distributions at the target positions of ``rows``;
+def _kl_to_base(model: PeftModel, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+                logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed KL(base || candidate) of the next-token distributions at its target positions;
     ``logits`` are the candidate's at ``positions`` (:func:`_logits_at`). The base distribution comes
     from a second, gradient-free pass over the same inputs with the adapter switched off."""
     with torch.no_grad(), model.disable_adapter():
-        base = _logits_at(model, inputs, positions)
-    targets = (inputs["labels"][:, positions + 1] != IGNORE_INDEX) & rows[:, None]
-    candidate_log_probs = torch.log_softmax(logits[targets].float(), dim=-1)
-    base_log_probs = torch.log_softmax(base[targets].float(), dim=-1)
-    return torch.nn.functional.kl_div(candidate_log_probs, base_log_probs, log_target=True, reduction="sum")
+        base = torch.log_softmax(_logits_at(model, inputs, positions).float(), dim=-1)
+    candidate = torch.log_softmax(logits.float(), dim=-1)
+    per_position = (base.exp() * (base - candidate)).sum(dim=-1)
+    return (per_position * (inputs["labels"][:, positions + 1] != IGNORE_INDEX)).sum(dim=-1)
 
 
 def _accumulate(model: PeftModel, batch: list[SFTExample], micro_batch_size: int, pad_token_id: int,
-                device: torch.device, kl_weight: float = 0.0) -> torch.Tensor:
+                device: torch.device, kl_weight: float = 0.0, anchor_weight: float = 0.0) -> torch.Tensor:
     """Backward over ``batch`` in micro-batches; gradients and the returned loss equal the whole batch's
-    token-mean loss (cross-entropy, plus ``kl_weight`` x KL to the base model on the tokens of
-    ``distill`` and ``anchor`` examples, over the same count of cross-entropy targets; ``anchor``
-    examples take no cross-entropy). Only one micro-batch's logits (target positions x vocabulary) are alive at a
-    time, which is what bounds peak memory on large vocabularies."""
+    token-mean loss: cross-entropy, plus KL to the base model on the tokens of ``distill`` examples
+    (x ``kl_weight``) and ``anchor`` examples (x ``anchor_weight``), over the same count of cross-entropy
+    targets (``anchor`` examples take no cross-entropy). Only one micro-batch's logits (target
+    positions x vocabulary) are alive at a time, which is what bounds peak memory on large vocabularies."""
     micro_batches = [batch[i : i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
     collated = [collate(micro, pad_token_id) for micro in micro_batches]
     anchors = [torch.tensor([example.anchor for example in micro]) for micro in micro_batches]
@@ -121,9 +120,10 @@ def _accumulate(model: PeftModel, batch: list[SFTExample], micro_batch_size: int
         trained_labels = inputs["labels"][:, positions + 1].masked_fill(anchor[:, None], IGNORE_INDEX)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), trained_labels.flatten(),
                                                  ignore_index=IGNORE_INDEX, reduction="sum") / total_targets
-        rows = torch.tensor([example.distill or example.anchor for example in micro], device=device)
-        if kl_weight > 0 and bool(rows.any()):
-            loss = loss + kl_weight * _kl_to_base(model, inputs, positions, logits, rows) / total_targets
+        weights = torch.tensor([kl_weight * example.distill + anchor_weight * example.anchor for example in micro],
+                               device=device)
+        if bool((weights > 0).any()):
+            loss = loss + (weights * _kl_to_base(model, inputs, positions, logits)).sum() / total_targets
         loss.backward()
         loss_sum += loss.detach().float().cpu()
     return loss_sum
@@ -152,7 +152,8 @@ def _fit(
                     break
                 if anchors:  # one passage of prose joins every step, in turn
                     batch = batch + [anchors[len(losses) % len(anchors)]]
-                loss = _accumulate(model, batch, settings.micro_batch_size, pad_token_id, device, settings.kl_weight)
+                loss = _accumulate(model, batch, settings.micro_batch_size, pad_token_id, device,
+                                   settings.kl_weight, settings.anchor_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {len(losses) + 1}")
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -209,7 +210,7 @@ def train_adapter(
     """Train a ``method`` (default ``settings.method``) adapter on ``examples`` and save it to ``out_dir``;
     from fresh adapter weights, or from the saved adapter ``start_from`` (continued training).
     ``anchor`` examples (:func:`~selftune.tuning.dataset.anchor_examples`) are not trained on: one joins
-    each optimizer step, held to the base model through the KL term."""
+    each optimizer step, held to the base model through ``settings.anchor_weight`` x KL."""
     spec = get_method(method or settings.method)
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel):
@@ -219,8 +220,6 @@ def train_adapter(
     trained = sum(not example.anchor for example in examples)
     if not trained:
         raise ValueError("no training examples")
-    if trained < len(examples) and settings.kl_weight <= 0:
-        raise ValueError("anchor passages only act through the KL term: set tuning.kl_weight above 0")
     if settings.lora_scale != 1.0 and spec.name != "lora":
         raise ValueError(f"lora_scale {settings.lora_scale} applies to LoRA adapters only, not {spec.name}")
     lr = spec.learning_rate(settings)

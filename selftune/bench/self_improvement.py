@@ -168,6 +168,7 @@ class SelfImprovementRun(BaseModel):
     base_refused: float | None = None  # share of the calibration abstention goals the base model refuses
     kl_weight: float = 0.0
     anchor_file: str | None = None  # tuning.anchor_file's name: prose held to the base model in every step
+    anchor_weight: float = 0.0  # its KL weight (0: no anchor)
     continue_from_active: bool = False
     max_abstention_share: float = 1.0
     min_abstention_share: float = 0.0
@@ -318,6 +319,7 @@ def run_self_improvement(
                              call_required_attempts=call_required_attempts, calibration_goals=calibration_count,
                              kl_weight=tuning.kl_weight if replay else 0.0,
                              anchor_file=tuning.anchor_file.name if replay and tuning.anchor_file else None,
+                             anchor_weight=tuning.anchor_weight if replay and tuning.anchor_file else 0.0,
                              continue_from_active=tuning.continue_from_active,
                              max_abstention_share=tuning.max_abstention_share,
                              min_abstention_share=tuning.min_abstention_share, lora_scale=tuning.lora_scale,
