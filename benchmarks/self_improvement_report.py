@@ -44,6 +44,7 @@ def plot(run: SelfImprovementRun) -> Figure:
         f"{run.abstain_goals} abstention goals" if run.abstain_goals else "",
         f"{run.near_miss_goals} near-miss" if run.near_miss_goals else "",
         f"KL {run.kl_weight:g}" if run.kl_weight else "",
+        f"anchor {run.anchor_file} x{run.anchor_weight:g}" if run.anchor_file else "",
         f"no-call share <= {run.max_abstention_share:g}" if run.max_abstention_share < 1 else "",
         f"no-call share >= {run.min_abstention_share:g}" if run.min_abstention_share else "",
         "continued" if run.continue_from_active else "",
