@@ -17,7 +17,7 @@ from selftune.agent.models import resolve_dtype
 from selftune.agent.loop import Agent
 from selftune.memory.records import Verifier
 from selftune.runtime import Runtime
-from selftune.settings import load_settings
+from selftune.settings import PROJECT_ROOT, load_settings
 from selftune.tuning import pipeline
 from selftune.tuning.adapters import AdapterVersion
 from selftune.tuning.calibration import BIAS_GRID
@@ -171,6 +171,19 @@ def test_a_round_with_nothing_new_to_train_on_is_skipped_unless_forced(runtime, 
     with pytest.raises(KeyboardInterrupt):
         run_tuning_round(runtime, method="lora")  # other settings: other training
     assert runtime.adapters.list() == versions
+
+    trained_on = []
+
+    def capture(model, tokenizer, examples, *args, **kwargs):
+        trained_on.extend(examples)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_adapter", capture)
+    monkeypatch.setattr(runtime.settings.tuning, "anchor_file", PROJECT_ROOT / "configs" / "anchor.txt")
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning_round(runtime, method="lora")
+    anchors = [example for example in trained_on if example.anchor]
+    assert len(anchors) == 8 and len(trained_on) > len(anchors)  # the episodes plus every passage of prose
 
 
 def test_forgetting_is_bounded_from_the_base_model_while_an_adapter_is_active(runtime, monkeypatch):

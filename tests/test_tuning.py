@@ -180,6 +180,8 @@ def test_training_fingerprint_changes_with_anything_training_reads():
     assert training_fingerprint(relabelled, "lora", "settings") != fingerprint
     distilled = [examples[0], examples[1].model_copy(update={"distill": True})]
     assert training_fingerprint(distilled, "lora", "settings") != fingerprint
+    anchored = [examples[0], examples[1].model_copy(update={"anchor": True})]
+    assert training_fingerprint(anchored, "lora", "settings") != fingerprint
 
 
 def test_collate_right_pads_with_masks():
