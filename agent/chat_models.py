@@ -63,4 +63,5 @@ def build_chat_model(settings: ModelSettings, cache_dir: Path) -> BaseChatModel:
         prefix_cache_entries=settings.prefix_cache_entries,
         jump_forward=settings.jump_forward,
         lookup_tokens=settings.lookup_tokens,
+        fold_lora=settings.fold_lora,
     )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from selftune.agent.constrained import ToolCallLogitsProcessor, grammar_cache, openai_functions
+from selftune.agent.folded_lora import can_fold, fold_lora, unfold_lora
 from selftune.agent.prefix_cache import PrefixCache
 from selftune.agent.speculative import drafted_decode
 from selftune.agent.virtual_prefix import VirtualPrefix
@@ -96,9 +97,12 @@ class LocalChatModel(BaseChatModel):
     # and verify them in one forward pass (same output or sampling distribution, fewer passes; agent/speculative.py).
     jump_forward: bool = True
     lookup_tokens: int = Field(8, ge=0)
+    # LoRA adapters folded into a copy of the weights they change: decoding costs what it does without
+    # an adapter, and those weights are held twice while one is active (agent/folded_lora.py).
+    fold_lora: bool = True
     no_call_bias: float = 0.0
 
-    _active: Any = PrivateAttr(None)  # the base model or a PeftModel wrapping it
+    _active: Any = PrivateAttr(None)  # the base model (its LoRA adapter folded in, or none) or a PeftModel wrapping it
     _virtual: VirtualPrefix | None = PrivateAttr(None)  # a prompt/prefix-tuning adapter's virtual positions
     _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
     _prefix_cache: PrefixCache = PrivateAttr()
@@ -139,6 +143,7 @@ class LocalChatModel(BaseChatModel):
                 # LoRA layers live inside the base modules: take them out again (prompt
                 # tuning leaves the base model untouched).
                 self._active.base_model.unload()
+            unfold_lora(self.model)
             self._active, self.adapter_version, self._virtual = self.model, None, None
             self.no_call_bias = 0.0
             self._prefix_cache.clear()  # keys and values change with the weights
@@ -149,6 +154,8 @@ class LocalChatModel(BaseChatModel):
                 adapter = PeftModel.from_pretrained(self.model, str(path)).eval()
                 if adapter.active_peft_config.is_prompt_learning:  # leaves the base modules untouched
                     self._virtual = VirtualPrefix.of(adapter, self.model.dtype)
+                elif self.fold_lora and can_fold(adapter):
+                    adapter = fold_lora(adapter)
                 self._active, self.adapter_version = adapter, version or Path(path).name
                 self.no_call_bias = settings.no_call_bias if settings else 0.0
 

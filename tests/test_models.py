@@ -19,6 +19,7 @@ from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from selftune.agent import models
 from selftune.agent.chat_models import build_chat_model
+from selftune.agent.folded_lora import folded
 from selftune.agent.local_chat import AdapterDecoding, LocalChatModel
 from selftune.agent.models import (
     DEFAULT_MODEL,
@@ -31,8 +32,9 @@ from selftune.agent.models import (
     prepare_model,
     resolve_dtype,
 )
-from selftune.settings import ConfigError, ModelSettings, Settings
+from selftune.settings import ConfigError, ModelSettings, Settings, TuningSettings
 from selftune.tuning.calibration import save_decoding
+from selftune.tuning.trainer import train_adapter
 
 SMOL = "smollm2-135m-instruct"
 PREFIX = '{"tool": "'
@@ -305,6 +307,54 @@ def test_lora_adapter_switching_is_exact(chat: LocalChatModel, base_logits: torc
         assert torch.equal(chat.next_token_logits(PROBE), adapted)
     finally:
         chat.use_adapter(None, None)
+
+
+def _chat_in(dtype: str, cache_dir: Path) -> LocalChatModel:
+    with offline():
+        model, tokenizer = load_causal_lm(SMOL, cache_dir, dtype=dtype)
+    return LocalChatModel(model=model, tokenizer=tokenizer, model_id=SMOL, max_new_tokens=4)
+
+
+def test_lora_adapters_decode_folded_and_unfold_to_the_exact_base_weights(
+    cache_dir: Path, smol_dir: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    chat = _chat_in("float32", cache_dir)
+    base_logits = chat.next_token_logits(PROBE)
+    base_weights = {name: weight.clone() for name, weight in chat.model.state_dict().items()}
+    try:
+        chat.use_adapter(lora_dir, "v1")
+        assert folded(chat.model) and not _has_lora(chat)  # plain linear layers decode: no LoRA layers in the pass
+        folded_logits = chat.next_token_logits(PROBE)
+        folded_reply = chat.invoke(MESSAGES, max_new_tokens=8).content
+        with pytest.raises(TypeError, match="bare base model"):  # training must start from the base weights
+            train_adapter(chat.model, chat.tokenizer, [], TuningSettings(), tmp_path / "candidate")
+
+        chat.fold_lora = False
+        chat.use_adapter(lora_dir, "v1")
+        assert _has_lora(chat) and not folded(chat.model)
+        wrapped_logits = chat.next_token_logits(PROBE)
+        assert not torch.allclose(wrapped_logits, base_logits)
+        assert torch.allclose(folded_logits, wrapped_logits, atol=1e-4)
+        assert chat.invoke(MESSAGES, max_new_tokens=8).content == folded_reply
+
+        chat.fold_lora = True
+        for _ in range(3):  # switching never leaves rounding behind in the base weights
+            chat.use_adapter(lora_dir)
+            chat.use_adapter(None)
+        assert not folded(chat.model)
+        assert all(torch.equal(weight, base_weights[name]) for name, weight in chat.model.state_dict().items())
+        assert torch.equal(chat.next_token_logits(PROBE), base_logits)
+    finally:
+        chat.fold_lora = True
+        chat.use_adapter(None, None)
+
+
+def test_bfloat16_models_keep_the_lora_layers(cache_dir: Path, smol_dir: Path, lora_dir: Path) -> None:
+    chat = _chat_in("bfloat16", cache_dir)  # folding would round most of a trained update away
+    chat.use_adapter(lora_dir, "v1")
+    assert _has_lora(chat) and not folded(chat.model)
+    chat.use_adapter(None, None)
+    assert not _has_lora(chat)
 
 
 def test_incomplete_adapter_is_rejected_before_touching_the_base(

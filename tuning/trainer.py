@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from selftune.agent.folded_lora import folded
 from selftune.settings import TuningSettings
 from selftune.tuning.dataset import IGNORE_INDEX, SFTExample, collate
 from selftune.tuning.methods import get_method
@@ -213,7 +214,7 @@ def train_adapter(
     each optimizer step, held to the base model through ``settings.anchor_weight`` x KL."""
     spec = get_method(method or settings.method)
     out_dir = Path(out_dir)
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) or folded(model):
         raise TypeError("train_adapter needs the bare base model; unload the adapter it is serving first")
     if out_dir.exists():
         raise FileExistsError(f"adapter directory already exists: {out_dir}")
