@@ -40,7 +40,7 @@ def fold_lora(adapter: PeftModel) -> torch.nn.Module:
     """Fold ``adapter``'s active LoRA weights into the base model it wraps, take the LoRA layers out
     again, and return the base model; ValueError where :func:`can_fold` is false."""
     if not can_fold(adapter):
-        raise ValueError("only plain LoRA adapters on linear layers can be folded into the weights")
+        raise ValueError("only plain LoRA adapters on float32 linear layers can be folded into the weights")
     name = adapter.active_adapter
     with torch.no_grad():
         folded_weights = []
