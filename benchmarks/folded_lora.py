@@ -13,6 +13,11 @@ to float32 weights only). Each variant answers every question in turn over the s
 ``--adapter`` takes a saved LoRA adapter; without one, the tuning settings' LoRA config with small
 random weights stands in (timing depends on the layers an adapter targets, not on its values).
 
+Why bfloat16 models are not folded (``bf16_distance``): on up to 20 of the same prompts, the last
+``DISTANCE_POSITIONS`` next-token distributions of the adapter in bfloat16, through PEFT's layers and
+folded (in float32, then cast to bfloat16), and of the bare bfloat16 base model, each as KL from the
+adapter's float32 distributions.
+
     .venv/bin/python benchmarks/folded_lora.py --model smollm2-135m-instruct --questions 30 --json
 """
 
@@ -27,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
+from selftune.agent.folded_lora import fold_lora
 from selftune.agent.generation import generate
 from selftune.agent.local_chat import LocalChatModel
 from selftune.agent.models import load_causal_lm
@@ -40,6 +46,7 @@ from selftune.settings import load_settings
 from selftune.tuning.methods import get_method
 
 VARIANTS = ("base", "lora_layers", "folded")
+DISTANCE_POSITIONS = 40
 
 
 def _stand_in_adapter(model: torch.nn.Module, settings: Any, out_dir: Path) -> Path:
@@ -52,6 +59,28 @@ def _stand_in_adapter(model: torch.nn.Module, settings: Any, out_dir: Path) -> P
     adapter.save_pretrained(out_dir)
     adapter.base_model.unload()
     return out_dir
+
+
+def _last_log_probs(model: torch.nn.Module, prompts: list[torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([torch.log_softmax(model(input_ids=ids).logits[0, -DISTANCE_POSITIONS:].float(), -1)
+                          for ids in prompts])
+
+
+def _bf16_distance(model_name: str, cache_dir: Path, adapter: Path, prompts: list[torch.Tensor]) -> dict[str, float]:
+    """KL (per position) of the adapter's bfloat16 variants and the bare bfloat16 model from its float32 result."""
+    def load(dtype: str) -> torch.nn.Module:
+        return load_causal_lm(model_name, cache_dir, dtype)[0]
+
+    def kl(reference: torch.Tensor, model: torch.nn.Module) -> float:
+        other = _last_log_probs(model, prompts)
+        return round(float(torch.nn.functional.kl_div(other, reference, log_target=True, reduction="batchmean")), 5)
+
+    reference = _last_log_probs(PeftModel.from_pretrained(load("float32"), str(adapter)).eval(), prompts)
+    folded = fold_lora(PeftModel.from_pretrained(load("float32"), str(adapter))).to(torch.bfloat16)
+    return {"lora_layers_bf16": kl(reference, PeftModel.from_pretrained(load("bfloat16"), str(adapter)).eval()),
+            "folded_bf16": kl(reference, folded),  # W + update summed in float32, then rounded once
+            "no_adapter_bf16": kl(reference, load("bfloat16"))}
 
 
 def run(model_name: str, questions: int, adapter_dir: Path | None, max_tokens: int) -> dict[str, Any]:
@@ -81,6 +110,9 @@ def run(model_name: str, questions: int, adapter_dir: Path | None, max_tokens: i
                 totals[name]["tokens"] += reply.usage_metadata["output_tokens"]
                 replies[name].append(str(reply.content))
             chat.use_adapter(None)
+        prompts = [tokenizer(chat.render_prompt(build_messages(question)), return_tensors="pt",
+                             add_special_tokens=False)["input_ids"] for question in asked[:20]]
+        distance = _bf16_distance(model_name, settings.model_cache, adapter, prompts)
     for entry in totals.values():
         entry["s"] = round(entry["s"], 2)
         entry["ms_per_pass"] = round(1000 * entry["s"] / entry["passes"], 1)
@@ -97,6 +129,7 @@ def run(model_name: str, questions: int, adapter_dir: Path | None, max_tokens: i
         "speedup_over_lora_layers": round(totals["lora_layers"]["s"] / totals["folded"]["s"], 2),
         "folded_over_base": round(totals["folded"]["s"] / totals["base"]["s"], 2),
         "same_replies": sum(a == b for a, b in zip(replies["lora_layers"], replies["folded"])),
+        "bf16_distance": {"positions": sum(min(DISTANCE_POSITIONS, ids.shape[1]) for ids in prompts), **distance},
     }
 
 
@@ -116,6 +149,7 @@ def main() -> None:
         print(f"{name:11s} {entry['s']:8.1f} s  {entry['passes']:6d} passes  {entry['ms_per_pass']:6.1f} ms/pass")
     print(f"folded {result['speedup_over_lora_layers']}x faster than LoRA layers, {result['folded_over_base']}x "
           f"the base model's time; same replies {result['same_replies']}/{result['questions']}")
+    print("KL from the float32 adapter: " + ", ".join(f"{k} {v}" for k, v in result["bf16_distance"].items()))
 
 
 if __name__ == "__main__":

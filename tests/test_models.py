@@ -408,9 +408,9 @@ def test_build_chat_model_openai(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def test_build_chat_model_local(smol_dir: Path, cache_dir: Path) -> None:
-    model = build_chat_model(ModelSettings(name=SMOL, max_new_tokens=2, dtype="float32"), cache_dir)
+    model = build_chat_model(ModelSettings(name=SMOL, max_new_tokens=2, dtype="float32", fold_lora=False), cache_dir)
     assert isinstance(model, LocalChatModel)
-    assert model.model_id == SMOL and model.max_new_tokens == 2
+    assert model.model_id == SMOL and model.max_new_tokens == 2 and not model.fold_lora
     assert model.model.dtype == torch.float32
 
 
